@@ -1,0 +1,1 @@
+//! PEFT-compatible LoRA adapters (read and write) and merged-model export.

@@ -1,0 +1,1 @@
+//! Parquet datasets, record formats, Mistral prompt encoders, loss masks and packing.

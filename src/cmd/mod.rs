@@ -1,0 +1,7 @@
+//! One module per subcommand: parse arguments, call the libraries, print.
+
+pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod inspect;
+pub mod model_args;

@@ -1,0 +1,44 @@
+//! `tramontane`: LoRA and QLoRA fine-tuning of Mistral-family models, in one binary.
+//!
+//! This file only parses the command line and dispatches; each subcommand lives in `src/cmd/`.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// LoRA and QLoRA fine-tuning of Mistral-family models (Mistral 7B, Mixtral 8x7B/8x22B).
+#[derive(Parser)]
+#[command(name = "tramontane", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a model (greedy or sampled, streamed to stdout).
+    Generate(cmd::generate::GenerateArgs),
+    /// Score a token sequence under a model: mean token loss and perplexity.
+    Eval(cmd::eval::EvalArgs),
+    /// Describe a model directory: architecture, parameters, dtypes, layout, memory.
+    Inspect(cmd::inspect::InspectArgs),
+    /// Show how a recipe's dataset is encoded: tokens, loss masks, packing, statistics.
+    Data(cmd::data::DataArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Data(args) => cmd::data::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The tramontane engine: a trainable Mistral/Mixtral decoder in candle, loading of Hugging Face
+//! checkpoints, NF4 quantization, LoRA, the training loop and the inference path.
+
+pub mod error;
+pub mod infer;
+pub mod model;
+pub mod quant;
+pub mod train;
+
+pub use error::{Error, Result};

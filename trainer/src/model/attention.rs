@@ -1,0 +1,70 @@
+//! Grouped-query self-attention with RoPE, an additive mask and an optional KV cache.
+//! Scores are computed per key/value group (no repeated K/V tensors are materialized) and the
+//! softmax runs in f32 like HF's eager attention.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::linear::Linear;
+use super::rope::Rotary;
+use crate::infer::LayerCache;
+
+/// The attention block of a decoder layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection `[heads * head_dim, hidden]`.
+    pub q_proj: Linear,
+    /// Key projection `[kv_heads * head_dim, hidden]`.
+    pub k_proj: Linear,
+    /// Value projection `[kv_heads * head_dim, hidden]`.
+    pub v_proj: Linear,
+    /// Output projection `[hidden, heads * head_dim]`.
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Assembles the block from its projections.
+    pub fn new(projections: [Linear; 4], num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        let [q_proj, k_proj, v_proj, o_proj] = projections;
+        Attention { q_proj, k_proj, v_proj, o_proj, num_heads, num_kv_heads, head_dim }
+    }
+
+    /// Attends `x` `[b, t, hidden]`; `mask` is `[b|1, 1, 1, t, keys]` or `None` (nothing masked).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: Option<&Tensor>,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let groups = nh / nkv;
+        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = rotary.apply(&q)?;
+        let k = rotary.apply(&k)?.contiguous()?;
+        let v = v.contiguous()?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v)?,
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // Heads g*groups..(g+1)*groups share kv head g, as in HF's repeat_kv.
+        let q = q.contiguous()?.reshape((b, nkv, groups * t, hd))?;
+        let scale = (hd as f64).powf(-0.5);
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, groups, t, s))?;
+        let scores = scores.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
+        let out = probs.reshape((b, nkv, groups * t, s))?.matmul(&v)?;
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}

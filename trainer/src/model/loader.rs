@@ -1,0 +1,226 @@
+//! Builds a [`Model`] from a Hugging Face model directory, tensor by tensor.
+//!
+//! Mixtral experts are read from either the hub per-expert layout
+//! (`block_sparse_moe.experts.E.w1/w2/w3.weight`, `block_sparse_moe.gate.weight`) or the
+//! transformers 5 fused layout (`mlp.experts.gate_up_proj` `[E, 2I, H]` with w1 rows first, then
+//! w3; `mlp.experts.down_proj` `[E, H, I]`; `mlp.gate.weight`), reading each expert's slice
+//! straight from the file.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::attention::Attention;
+use super::checkpoint::Checkpoint;
+use super::config::{Architecture, ModelConfig};
+use super::decoder::{DecoderLayer, FeedForward, Model};
+use super::linear::Linear;
+use super::mlp::Mlp;
+use super::moe::SparseMoe;
+use super::norm::RmsNorm;
+use crate::{Error, Result};
+
+/// How a model is loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype of weights and activations.
+    pub dtype: DType,
+    /// Device to load onto.
+    pub device: Device,
+    /// Make every weight a trainable `Var` (full fine-tuning, gradient checks).
+    pub trainable: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, trainable: false }
+    }
+}
+
+/// How the experts of a Mixtral checkpoint are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertLayout {
+    /// `block_sparse_moe.experts.E.{w1,w2,w3}.weight` (the hub's, and transformers 5's default save).
+    PerExpert,
+    /// `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` (transformers 5 in memory).
+    Fused,
+}
+
+impl ExpertLayout {
+    /// Detects the layout of layer `layer` of a checkpoint.
+    pub fn detect(ckpt: &Checkpoint, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}");
+        if ckpt.contains(&format!("{p}.block_sparse_moe.gate.weight")) {
+            Ok(ExpertLayout::PerExpert)
+        } else if ckpt.contains(&format!("{p}.mlp.experts.gate_up_proj")) {
+            Ok(ExpertLayout::Fused)
+        } else {
+            Err(Error::MissingTensor {
+                path: ckpt.dir.clone(),
+                name: format!("{p}.block_sparse_moe.gate.weight (or {p}.mlp.experts.gate_up_proj)"),
+            })
+        }
+    }
+}
+
+/// A loaded model plus, when loaded trainable, its parameters by (hub-layout) name.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model.
+    pub model: Model,
+    /// Trainable parameters in load order (empty unless `trainable`).
+    pub params: Vec<(String, Var)>,
+}
+
+struct TensorSource<'a> {
+    ckpt: &'a Checkpoint,
+    opts: &'a LoadOptions,
+    params: Vec<(String, Var)>,
+}
+
+impl TensorSource<'_> {
+    fn finish(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
+        if !self.opts.trainable {
+            return Ok(t);
+        }
+        let var = Var::from_tensor(&t)?;
+        let t = var.as_tensor().clone();
+        self.params.push((name.to_string(), var));
+        Ok(t)
+    }
+
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.ckpt.load(name, shape, self.opts.dtype, &self.opts.device)?;
+        self.finish(name, t)
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        Ok(Linear::new(self.tensor(name, &[out, inp])?))
+    }
+
+    /// A `[rows, cols]` slice starting at flat element `first` of the tensor `source`, registered
+    /// under the hub-layout `name`.
+    fn slice(&mut self, source: &str, name: &str, first: usize, rows: usize, cols: usize) -> Result<Linear> {
+        let t = self.ckpt.load_range(source, first, &[rows, cols], self.opts.dtype, &self.opts.device)?;
+        Ok(Linear::new(self.finish(name, t)?))
+    }
+
+    fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        let info = self.ckpt.info(name)?;
+        if info.shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: self.ckpt.files[info.file].clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                actual: info.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Loads config.json and the weights of a model directory.
+pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let config = ModelConfig::from_path(dir)?;
+    let ckpt = Checkpoint::open(dir)?;
+    load_from_checkpoint(config, &ckpt, opts)
+}
+
+/// Loads the weights of an opened checkpoint for a given configuration.
+pub fn load_from_checkpoint(config: ModelConfig, ckpt: &Checkpoint, opts: &LoadOptions) -> Result<LoadedModel> {
+    let c = &config;
+    let mut src = TensorSource { ckpt, opts, params: Vec::new() };
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let embed_tokens = src.tensor("model.embed_tokens.weight", &[c.vocab_size, h])?;
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        let norm = |src: &mut TensorSource, n: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(src.tensor(&format!("{p}.{n}.weight"), &[h])?, c.rms_norm_eps))
+        };
+        let input_layernorm = norm(&mut src, "input_layernorm")?;
+        let post_attention_layernorm = norm(&mut src, "post_attention_layernorm")?;
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let a = format!("{p}.self_attn");
+        let self_attn = Attention::new(
+            [
+                src.linear(&format!("{a}.q_proj.weight"), qd, h)?,
+                src.linear(&format!("{a}.k_proj.weight"), kvd, h)?,
+                src.linear(&format!("{a}.v_proj.weight"), kvd, h)?,
+                src.linear(&format!("{a}.o_proj.weight"), h, qd)?,
+            ],
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+        );
+        let feed_forward = match (&c.architecture, &c.moe) {
+            (Architecture::Mixtral, Some(moe)) => {
+                FeedForward::Sparse(load_moe(&mut src, l, moe.num_experts, moe.experts_per_token, h, i)?)
+            }
+            _ => FeedForward::Dense(Mlp {
+                gate_proj: src.linear(&format!("{p}.mlp.gate_proj.weight"), i, h)?,
+                up_proj: src.linear(&format!("{p}.mlp.up_proj.weight"), i, h)?,
+                down_proj: src.linear(&format!("{p}.mlp.down_proj.weight"), h, i)?,
+            }),
+        };
+        layers.push(DecoderLayer { input_layernorm, self_attn, post_attention_layernorm, feed_forward });
+    }
+    let norm = RmsNorm::new(src.tensor("model.norm.weight", &[h])?, c.rms_norm_eps);
+    let lm_head = if c.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+        Linear::new(embed_tokens.clone())
+    } else {
+        src.linear("lm_head.weight", c.vocab_size, h)?
+    };
+    let model = Model {
+        config: config.clone(),
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+        dtype: opts.dtype,
+        device: opts.device.clone(),
+    };
+    Ok(LoadedModel { model, params: src.params })
+}
+
+fn load_moe(src: &mut TensorSource, l: usize, e: usize, k: usize, h: usize, i: usize) -> Result<SparseMoe> {
+    let hub = format!("model.layers.{l}.block_sparse_moe");
+    let layout = ExpertLayout::detect(src.ckpt, l)?;
+    let router_name = match layout {
+        ExpertLayout::PerExpert => format!("{hub}.gate.weight"),
+        ExpertLayout::Fused => format!("model.layers.{l}.mlp.gate.weight"),
+    };
+    let router = Linear::new({
+        let t = src.ckpt.load(&router_name, &[e, h], src.opts.dtype, &src.opts.device)?;
+        src.finish(&format!("{hub}.gate.weight"), t)?
+    });
+    let mut experts = Vec::with_capacity(e);
+    match layout {
+        ExpertLayout::PerExpert => {
+            for x in 0..e {
+                let p = format!("{hub}.experts.{x}");
+                experts.push(Mlp {
+                    gate_proj: src.linear(&format!("{p}.w1.weight"), i, h)?,
+                    up_proj: src.linear(&format!("{p}.w3.weight"), i, h)?,
+                    down_proj: src.linear(&format!("{p}.w2.weight"), h, i)?,
+                });
+            }
+        }
+        ExpertLayout::Fused => {
+            let gate_up = format!("model.layers.{l}.mlp.experts.gate_up_proj");
+            let down = format!("model.layers.{l}.mlp.experts.down_proj");
+            src.expect_shape(&gate_up, &[e, 2 * i, h])?;
+            src.expect_shape(&down, &[e, h, i])?;
+            for x in 0..e {
+                let p = format!("{hub}.experts.{x}");
+                let base = x * 2 * i * h;
+                experts.push(Mlp {
+                    gate_proj: src.slice(&gate_up, &format!("{p}.w1.weight"), base, i, h)?,
+                    up_proj: src.slice(&gate_up, &format!("{p}.w3.weight"), base + i * h, i, h)?,
+                    down_proj: src.slice(&down, &format!("{p}.w2.weight"), x * h * i, h, i)?,
+                });
+            }
+        }
+    }
+    Ok(SparseMoe::new(router, experts, k))
+}

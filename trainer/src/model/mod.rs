@@ -1,0 +1,22 @@
+//! The Mistral/Mixtral decoder and its loading from Hugging Face checkpoints.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod decoder;
+pub mod linear;
+pub mod loader;
+pub mod mask;
+pub mod mlp;
+pub mod moe;
+pub mod norm;
+pub mod rope;
+pub mod stats;
+pub mod tokenizer;
+
+pub use checkpoint::Checkpoint;
+pub use config::{Architecture, ModelConfig, MoeConfig};
+pub use decoder::{DecoderOutput, Layout, Model};
+pub use loader::{load_model, ExpertLayout, LoadOptions, LoadedModel};
+pub use stats::ParameterCounts;
+pub use tokenizer::{ModelTokenizer, PromptFormat};

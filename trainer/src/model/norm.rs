@@ -1,0 +1,28 @@
+//! RMSNorm exactly as Hugging Face's Mistral computes it: normalize in f32, cast back, scale.
+//! Built from differentiable ops (candle's fused `rms_norm` has no backward).
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Root-mean-square layer normalization with a learned scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// A norm with the given `[hidden]` scale and epsilon.
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm { weight, eps }
+    }
+
+    /// Normalizes `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (variance + self.eps)?.sqrt()?.recip()?;
+        let normed = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
+        normed.broadcast_mul(&self.weight)
+    }
+}

@@ -1,0 +1,124 @@
+//! The model's `tokenizer.json` (via the `tokenizers` crate), checked against the model config.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::Tokenizer;
+
+use super::config::ModelConfig;
+use crate::{Error, Result};
+
+/// The Mistral instruct format a tokenizer calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptFormat {
+    /// v1: `[INST]` / `[/INST]` are plain text (32000-token vocabularies).
+    V1,
+    /// v3: `[INST]`, `[/INST]`, tool tokens are control tokens (32768-token vocabularies).
+    V3,
+}
+
+/// A tokenizer together with the special ids the engine needs.
+#[derive(Clone)]
+pub struct ModelTokenizer {
+    /// The loaded tokenizer.
+    pub inner: Tokenizer,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// Beginning-of-sequence id.
+    pub bos_id: Option<u32>,
+    /// End-of-sequence ids (config / generation config, else the tokenizer's `</s>`).
+    pub eos_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for ModelTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelTokenizer").field("path", &self.path).field("vocab", &self.vocab_size()).finish()
+    }
+}
+
+impl ModelTokenizer {
+    /// Loads `dir/tokenizer.json` and checks it fits the model: every token id must have an
+    /// embedding row, and the config's BOS/EOS ids must exist in the vocabulary.
+    pub fn load(dir: &Path, config: &ModelConfig) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::format(&path, "not found (the model directory needs a tokenizer.json)"));
+        }
+        let inner =
+            Tokenizer::from_file(&path).map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        let vocab = inner.get_vocab_size(true);
+        if vocab > config.vocab_size {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "tokenizer has {vocab} tokens but the model's config.json has vocab_size {}: \
+                     the tokenizer does not belong to this model",
+                    config.vocab_size
+                ),
+            ));
+        }
+        let bos_id = config.bos_token_id.or_else(|| inner.token_to_id("<s>"));
+        let mut eos_ids = config.eos_token_ids.clone();
+        if eos_ids.is_empty() {
+            eos_ids.extend(inner.token_to_id("</s>"));
+        }
+        for (what, id) in
+            bos_id.iter().map(|&i| ("bos_token_id", i)).chain(eos_ids.iter().map(|&i| ("eos_token_id", i)))
+        {
+            if inner.id_to_token(id).is_none() {
+                return Err(Error::format(
+                    &path,
+                    format!("config.json's {what} {id} is not in this tokenizer's vocabulary"),
+                ));
+            }
+        }
+        Ok(ModelTokenizer { inner, path, bos_id, eos_ids })
+    }
+
+    /// Number of tokens, special ones included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The instruct format: v3 when `[INST]` is a single control token, else v1.
+    pub fn prompt_format(&self) -> PromptFormat {
+        let control = self.inner.get_added_tokens_decoder().values().any(|t| t.content == "[INST]" && t.special);
+        if control {
+            PromptFormat::V3
+        } else {
+            PromptFormat::V1
+        }
+    }
+
+    /// Encodes text, adding the special tokens the tokenizer's post-processor adds (BOS).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, add_special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::format(&self.path, format!("cannot encode text: {e}")))
+    }
+
+    /// Decodes ids to text, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::format(&self.path, format!("cannot decode ids: {e}")))
+    }
+
+    /// The ids of a single-turn chat prompt in the tokenizer's instruct format, ready for the
+    /// assistant's answer: v1 `<s>[INST] text [/INST]`, v3 `<s>[INST]text[/INST]`.
+    pub fn encode_chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos_id.into_iter().collect();
+        match self.prompt_format() {
+            PromptFormat::V1 => ids.extend(self.encode(&format!("[INST] {user} [/INST]"), false)?),
+            PromptFormat::V3 => {
+                let control = |t: &str| {
+                    self.inner
+                        .token_to_id(t)
+                        .ok_or_else(|| Error::format(&self.path, format!("missing control token {t}")))
+                };
+                ids.push(control("[INST]")?);
+                ids.extend(self.encode(user, false)?);
+                ids.push(control("[/INST]")?);
+            }
+        }
+        Ok(ids)
+    }
+}

@@ -1,0 +1,1 @@
+//! NF4 storage (bitsandbytes-exact) and the frozen-linear op.

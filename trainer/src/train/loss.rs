@@ -1,0 +1,79 @@
+//! Causal language-modelling cross-entropy over labelled positions only.
+//!
+//! Like Hugging Face, position `p` predicts `labels[p + 1]`; labels of `-100` are ignored. The
+//! logits are computed only for the positions that carry a label, which skips lm_head work (and
+//! its backward) for masked prompt tokens.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use crate::model::Model;
+
+/// The label value that marks a position as not trained.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Which hidden rows predict which token, after the causal shift.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShiftedTargets {
+    /// Flat row indices `b * t + p` of the predicting positions.
+    pub rows: Vec<u32>,
+    /// The token each of those rows must predict.
+    pub targets: Vec<u32>,
+}
+
+impl ShiftedTargets {
+    /// Pairs each position `p < t - 1` of each row with `labels[p + 1]` unless it is ignored.
+    /// `labels` is `[b * t]` row-major. Fails on a label outside `0..vocab` that is not `-100`.
+    pub fn new(labels: &[i64], batch: usize, vocab: usize) -> Result<Self> {
+        let t = labels.len() / batch.max(1);
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for b in 0..batch {
+            for p in 0..t.saturating_sub(1) {
+                let label = labels[b * t + p + 1];
+                if label == IGNORE_INDEX {
+                    continue;
+                }
+                if label < 0 || label as usize >= vocab {
+                    candle_core::bail!(
+                        "label {label} at row {b} position {} is outside the vocabulary (0..{vocab})",
+                        p + 1
+                    );
+                }
+                rows.push((b * t + p) as u32);
+                targets.push(label as u32);
+            }
+        }
+        Ok(ShiftedTargets { rows, targets })
+    }
+
+    /// Number of labelled tokens.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Whether no token carries a label.
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+}
+
+/// Sum over rows of `-log softmax(logits)[target]`, computed in f32. `logits` is `[n, vocab]`.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    log_probs.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
+}
+
+/// The summed negative log-likelihood of the labelled tokens, from final hidden states
+/// `[b, t, hidden]`; only labelled rows go through lm_head. Returns `None` when nothing is labelled.
+pub fn labelled_nll_sum(model: &Model, hidden: &Tensor, targets: &ShiftedTargets) -> Result<Option<Tensor>> {
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let (b, t, h) = hidden.dims3()?;
+    let device = hidden.device();
+    let rows = Tensor::from_vec(targets.rows.clone(), targets.len(), device)?;
+    let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+    let logits = model.logits(&picked)?;
+    let goal = Tensor::from_vec(targets.targets.clone(), targets.len(), device)?;
+    cross_entropy_sum(&logits, &goal).map(Some)
+}
