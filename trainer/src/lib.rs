@@ -3,8 +3,10 @@
 
 pub mod error;
 pub mod infer;
+pub mod lora;
 pub mod model;
 pub mod quant;
+pub mod system;
 pub mod train;
 
 pub use error::{Error, Result};

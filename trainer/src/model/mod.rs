@@ -12,6 +12,7 @@ pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod stats;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use checkpoint::Checkpoint;

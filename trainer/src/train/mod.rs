@@ -1,3 +1,17 @@
-//! Training: losses (and, as they land, checkpointed backward, optimizer, the loop).
+//! Training: losses, the checkpointed forward/backward, gradient accumulation and clipping,
+//! AdamW and learning-rate schedules.
 
+pub mod aux_loss;
+pub mod grads;
 pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod run_checkpoint;
+pub mod schedule;
+pub mod step;
+pub mod update;
+
+pub use optim::{AdamW, AdamWConfig};
+pub use schedule::{Schedule, ScheduleKind};
+pub use step::{forward_backward, LossScaling, MicroBatch, MicroBatchOutput};
+pub use update::{optimizer_step, StepReport, StepSettings};

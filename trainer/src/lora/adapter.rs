@@ -1,0 +1,94 @@
+//! One LoRA adapter: `delta(x) = scale * B (A dropout(x))`, A `[r, in]`, B `[out, r]` (PEFT's).
+//!
+//! Dropout masks are drawn from a counter-based seed (the run's per-micro-batch seed mixed with
+//! the adapter's id), so the recompute of a checkpointed layer sees the same mask as its forward
+//! and a resumed run draws the same masks as an uninterrupted one.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor, Var};
+
+use crate::infer::Rng;
+
+/// Shared switch and seed for the dropout of every adapter of a model.
+#[derive(Debug, Default)]
+pub struct DropoutControl {
+    training: AtomicBool,
+    seed: AtomicU64,
+}
+
+impl DropoutControl {
+    /// Turns dropout on with masks derived from `seed` (call once per micro-batch).
+    pub fn train_with_seed(&self, seed: u64) {
+        self.seed.store(seed, Ordering::Relaxed);
+        self.training.store(true, Ordering::Relaxed);
+    }
+
+    /// Turns dropout off (evaluation, generation).
+    pub fn eval(&self) {
+        self.training.store(false, Ordering::Relaxed);
+    }
+
+    fn seed_if_training(&self) -> Option<u64> {
+        self.training.load(Ordering::Relaxed).then(|| self.seed.load(Ordering::Relaxed))
+    }
+}
+
+/// A trainable low-rank update of a frozen linear layer.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// Down projection `[r, in]`.
+    pub a: Var,
+    /// Up projection `[out, r]`.
+    pub b: Var,
+    /// Multiplier of `B A x`.
+    pub scale: f64,
+    dropout: f64,
+    id: u64,
+    control: Arc<DropoutControl>,
+}
+
+impl LoraAdapter {
+    /// An adapter from existing A and B.
+    pub fn new(a: Var, b: Var, scale: f64, dropout: f64, id: u64, control: Arc<DropoutControl>) -> Self {
+        LoraAdapter { a, b, scale, dropout, id, control }
+    }
+
+    /// PEFT's default init from `rng`: A kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
+    /// 1/sqrt(in)); B zero.
+    pub fn init_tensors(r: usize, in_features: usize, out_features: usize, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let a: Vec<f32> = (0..r * in_features).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+        let cpu = candle_core::Device::Cpu;
+        Ok((
+            Tensor::from_vec(a, (r, in_features), &cpu)?,
+            Tensor::zeros((out_features, r), candle_core::DType::F32, &cpu)?,
+        ))
+    }
+
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// The update for `x` `[n, in]`, giving `[n, out]`.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = match self.control.seed_if_training() {
+            Some(seed) if self.dropout > 0.0 => self.drop(x, seed)?,
+            _ => x.clone(),
+        };
+        let h = x.to_dtype(self.a.dtype())?.matmul(&self.a.as_tensor().t()?)?;
+        (h.matmul(&self.b.as_tensor().t()?)? * self.scale)?.to_dtype(dtype)
+    }
+
+    fn drop(&self, x: &Tensor, seed: u64) -> Result<Tensor> {
+        let mut rng = Rng::new(seed ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 - self.dropout;
+        let mask: Vec<f32> =
+            (0..x.elem_count()).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}

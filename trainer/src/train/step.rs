@@ -1,0 +1,201 @@
+//! One micro-batch's forward and backward, with or without per-layer gradient checkpointing.
+//!
+//! Checkpointing keeps only each layer's input; after the loss, layers are recomputed in reverse
+//! and back-propagated one at a time (`notes/candle.md`'s recipe). Each layer's share of the
+//! router load-balancing loss is added to its recompute (see [`super::aux_loss`]), so the two
+//! modes compute the same gradients.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+
+use super::aux_loss::{valid_row_index, RoutingStats};
+use super::loss::{labelled_nll_sum, ShiftedTargets};
+use crate::lora::TrainableParams;
+use crate::model::{Layout, Model};
+
+/// A micro-batch of `batch` rows of `seq_len` tokens, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MicroBatch {
+    /// Rows.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq_len: usize,
+    /// Token ids `[batch * seq_len]`.
+    pub input_ids: Vec<u32>,
+    /// Labels `[batch * seq_len]` (`-100` = not trained); position p predicts `labels[p + 1]`.
+    pub labels: Vec<i64>,
+    /// Per-token positions (packed documents restart at 0); consecutive when `None`.
+    pub positions: Option<Vec<u32>>,
+    /// Per-token document ids (block-diagonal attention) for packed rows.
+    pub documents: Option<Vec<u32>>,
+    /// Per-token validity (false = padding: never attended, excluded from the aux loss).
+    pub valid: Option<Vec<bool>>,
+}
+
+/// How a micro-batch's terms enter the step's loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScaling {
+    /// The step's total number of labelled tokens over all its micro-batches: the summed token
+    /// NLL is divided by it.
+    pub label_tokens: usize,
+    /// Coefficient of the router load-balancing loss (0 disables it).
+    pub aux_coef: f64,
+    /// Weight of this micro-batch's aux loss in the step (1 / micro-batches per step).
+    pub aux_weight: f64,
+}
+
+/// What one micro-batch's forward/backward produced.
+#[derive(Debug, Clone)]
+pub struct MicroBatchOutput {
+    /// Summed NLL of its labelled tokens.
+    pub nll_sum: f64,
+    /// Its labelled tokens.
+    pub label_tokens: usize,
+    /// Its load-balancing loss (MoE only).
+    pub aux: Option<f64>,
+    /// Per-layer expert load (MoE only).
+    pub expert_load: Vec<Vec<f32>>,
+    /// Gradient of the step loss's share for each trainable tensor, in `params.named` order.
+    pub grads: Vec<Option<Tensor>>,
+}
+
+fn add_grads(store: &GradStore, params: &TrainableParams, acc: &mut [Option<Tensor>]) -> Result<()> {
+    for ((_, var), slot) in params.named.iter().zip(acc.iter_mut()) {
+        if let Some(g) = store.get(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs forward and backward on `mb`, returning the gradients of
+/// `nll_sum / scaling.label_tokens + aux_coef * aux_weight * aux` for every trainable tensor.
+pub fn forward_backward(
+    model: &Model,
+    params: &TrainableParams,
+    mb: &MicroBatch,
+    scaling: &LossScaling,
+    checkpointing: bool,
+) -> Result<MicroBatchOutput> {
+    let (b, t) = (mb.batch, mb.seq_len);
+    if mb.input_ids.len() != b * t || mb.labels.len() != b * t {
+        candle_core::bail!("micro-batch: {} ids and {} labels for {b} x {t}", mb.input_ids.len(), mb.labels.len());
+    }
+    let device = &model.device;
+    let ids = Tensor::from_vec(mb.input_ids.clone(), (b, t), device)?;
+    let targets = ShiftedTargets::new(&mb.labels, b, model.config.vocab_size)?;
+    let layout = Layout {
+        positions: mb.positions.as_deref(),
+        documents: mb.documents.as_deref(),
+        key_valid: mb.valid.as_deref(),
+    };
+    let valid_rows = valid_row_index(mb.valid.as_deref(), device)?;
+    let k = model.config.moe.as_ref().map_or(0, |m| m.experts_per_token);
+    let aux_scale = scaling.aux_coef * scaling.aux_weight;
+    let normalizer = scaling.label_tokens.max(1) as f64;
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.named.len()];
+    let stats_of = |logits: &[Tensor]| -> Result<Option<RoutingStats>> {
+        if logits.is_empty() {
+            return Ok(None);
+        }
+        RoutingStats::new(logits, k, mb.valid.as_deref()).map(Some)
+    };
+    let (nll_sum, aux, stats) = if checkpointing {
+        let ctx = model.context(b, t, layout, None)?;
+        let mut h = model.embed(&ids)?.detach();
+        let mut inputs = Vec::with_capacity(model.layers.len());
+        let mut router_logits = Vec::new();
+        for layer in &model.layers {
+            inputs.push(h.clone());
+            let out = layer.forward(&h, &ctx, None)?;
+            h = out.hidden.detach();
+            router_logits.extend(out.router_logits.map(|l| l.detach()));
+        }
+        let stats = stats_of(&router_logits)?;
+        let hv = Var::from_tensor(&h)?;
+        let hidden = model.norm.forward(hv.as_tensor())?;
+        let mut nll_sum = 0.0;
+        // The gradient flowing into the current layer's output; `None` while it is zero.
+        let mut g = match labelled_nll_sum(model, &hidden, &targets)? {
+            Some(nll) => {
+                nll_sum = nll.to_scalar::<f32>()? as f64;
+                let store = (nll / normalizer)?.backward()?;
+                add_grads(&store, params, &mut grads)?;
+                store.get(hv.as_tensor()).cloned()
+            }
+            None => None,
+        };
+        let mut aux = 0.0;
+        for (layer, input) in model.layers.iter().zip(&inputs).rev() {
+            let with_aux = stats.is_some() && aux_scale != 0.0;
+            if g.is_none() && !with_aux {
+                if stats.is_some() {
+                    let out = layer.forward(input, &ctx, None)?;
+                    if let (Some(stats), Some(logits)) = (&stats, &out.router_logits) {
+                        aux += stats.layer_term(logits, valid_rows.as_ref())?.to_scalar::<f32>()? as f64;
+                    }
+                }
+                continue;
+            }
+            let xin = Var::from_tensor(input)?;
+            let out = layer.forward(xin.as_tensor(), &ctx, None)?;
+            let mut objective = match &g {
+                Some(g) => Some((out.hidden * g)?.sum_all()?),
+                None => None,
+            };
+            if let (Some(stats), Some(logits)) = (&stats, &out.router_logits) {
+                let term = stats.layer_term(logits, valid_rows.as_ref())?;
+                aux += term.to_scalar::<f32>()? as f64;
+                if aux_scale != 0.0 {
+                    let scaled = (term * aux_scale)?;
+                    objective = Some(match objective {
+                        Some(o) => (o + scaled)?,
+                        None => scaled,
+                    });
+                }
+            }
+            let Some(objective) = objective else { continue };
+            let store = objective.backward()?;
+            add_grads(&store, params, &mut grads)?;
+            g = store.get(xin.as_tensor()).cloned();
+        }
+        (nll_sum, stats.as_ref().map(|_| aux), stats)
+    } else {
+        let out = model.forward(&ids, layout, None)?;
+        let stats = stats_of(&out.router_logits)?;
+        let mut loss: Option<Tensor> = None;
+        let mut nll_sum = 0.0;
+        if let Some(nll) = labelled_nll_sum(model, &out.hidden, &targets)? {
+            nll_sum = nll.to_scalar::<f32>()? as f64;
+            loss = Some((nll / normalizer)?);
+        }
+        let mut aux = 0.0;
+        if let Some(stats) = &stats {
+            for logits in &out.router_logits {
+                let term = stats.layer_term(logits, valid_rows.as_ref())?;
+                aux += term.to_scalar::<f32>()? as f64;
+                if aux_scale != 0.0 {
+                    let scaled = (term * aux_scale)?;
+                    loss = Some(match loss {
+                        Some(l) => (l + scaled)?,
+                        None => scaled,
+                    });
+                }
+            }
+        }
+        if let Some(loss) = loss {
+            add_grads(&loss.backward()?, params, &mut grads)?;
+        }
+        (nll_sum, stats.as_ref().map(|_| aux), stats)
+    };
+    Ok(MicroBatchOutput {
+        nll_sum,
+        label_tokens: targets.len(),
+        aux,
+        expert_load: stats.map(|s| s.expert_load).unwrap_or_default(),
+        grads,
+    })
+}

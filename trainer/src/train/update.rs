@@ -1,0 +1,109 @@
+//! One optimizer step over several micro-batches: the step's labelled tokens are counted first so
+//! every micro-batch's NLL is divided by the step total (not per micro-batch); gradients are
+//! accumulated, checked for NaN/inf, clipped by global norm, and applied by AdamW at the
+//! schedule's learning rate.
+
+use candle_core::{Result, Tensor, Var};
+use serde::Serialize;
+
+use super::grads::{accumulate, clip_global_norm};
+use super::optim::AdamW;
+use super::schedule::Schedule;
+use super::step::{forward_backward, LossScaling, MicroBatch};
+use crate::lora::TrainableParams;
+use crate::model::Model;
+
+/// Settings of an optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSettings {
+    /// Router load-balancing coefficient (0 = off; ignored for dense models).
+    pub aux_coef: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f64,
+    /// Per-layer gradient checkpointing.
+    pub checkpointing: bool,
+}
+
+/// What an optimizer step did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepReport {
+    /// 0-based index of this optimizer step.
+    pub step: u64,
+    /// The step's loss: `nll / label_tokens + aux_coef * mean aux`.
+    pub loss: f64,
+    /// Mean token cross-entropy of the step.
+    pub ce: f64,
+    /// Mean load-balancing loss over the micro-batches (MoE).
+    pub aux: Option<f64>,
+    /// Labelled tokens in the step.
+    pub label_tokens: usize,
+    /// Tokens processed (valid input tokens).
+    pub tokens: usize,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate applied.
+    pub lr: f64,
+    /// Per-layer expert load averaged over the micro-batches (MoE).
+    pub expert_load: Vec<Vec<f32>>,
+    /// False when the loss or a gradient was NaN/inf and the update was skipped.
+    pub applied: bool,
+}
+
+fn labelled_tokens(mb: &MicroBatch) -> usize {
+    let t = mb.seq_len;
+    (0..mb.batch).map(|b| (1..t).filter(|&p| mb.labels[b * t + p] != -100).count()).sum()
+}
+
+/// Runs optimizer step `step` (0-based; it picks the learning rate) over `micro_batches`. A step
+/// whose loss or gradient is NaN/inf is not applied (`applied: false`), and the optimizer state is
+/// left untouched.
+#[allow(clippy::too_many_arguments)]
+pub fn optimizer_step(
+    step: u64,
+    model: &Model,
+    params: &TrainableParams,
+    optimizer: &mut AdamW,
+    schedule: &Schedule,
+    micro_batches: &[MicroBatch],
+    settings: &StepSettings,
+    dropout_seed: u64,
+) -> Result<StepReport> {
+    let label_tokens: usize = micro_batches.iter().map(labelled_tokens).sum();
+    let aux_coef = if model.config.is_moe() { settings.aux_coef } else { 0.0 };
+    let scaling = LossScaling { label_tokens, aux_coef, aux_weight: 1.0 / micro_batches.len().max(1) as f64 };
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.named.len()];
+    let (mut nll, mut aux_sum, mut aux_seen, mut tokens) = (0.0, 0.0, false, 0usize);
+    let mut expert_load: Vec<Vec<f32>> = Vec::new();
+    for (i, mb) in micro_batches.iter().enumerate() {
+        params.dropout.train_with_seed(dropout_seed.wrapping_add(i as u64));
+        let out = forward_backward(model, params, mb, &scaling, settings.checkpointing)?;
+        nll += out.nll_sum;
+        tokens += mb.valid.as_ref().map_or(mb.input_ids.len(), |v| v.iter().filter(|x| **x).count());
+        if let Some(a) = out.aux {
+            aux_sum += a;
+            aux_seen = true;
+        }
+        if expert_load.is_empty() {
+            expert_load = out.expert_load.iter().map(|l| vec![0.0; l.len()]).collect();
+        }
+        for (acc, layer) in expert_load.iter_mut().zip(&out.expert_load) {
+            for (a, x) in acc.iter_mut().zip(layer) {
+                *a += x / micro_batches.len() as f32;
+            }
+        }
+        accumulate(&mut grads, out.grads)?;
+    }
+    params.dropout.eval();
+    let n = micro_batches.len().max(1) as f64;
+    let ce = nll / label_tokens.max(1) as f64;
+    let aux = aux_seen.then_some(aux_sum / n);
+    let loss = ce + aux_coef * aux.unwrap_or(0.0);
+    let grad_norm = clip_global_norm(&mut grads, settings.max_grad_norm)?;
+    let lr = schedule.lr(step);
+    let applied = loss.is_finite() && grad_norm.is_finite();
+    if applied {
+        let vars: Vec<&Var> = params.named.iter().map(|(_, v)| v).collect();
+        optimizer.step(&vars, &grads, lr)?;
+    }
+    Ok(StepReport { step, loss, ce, aux, label_tokens, tokens, grad_norm, lr, expert_load, applied })
+}
