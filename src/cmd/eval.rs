@@ -38,7 +38,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let model = &loaded.model;
     let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let targets = ShiftedTargets::new(&labels, 1, model.config.vocab_size)?;
+    let targets = ShiftedTargets::new(&labels, 1, model.config.vocab_size, None)?;
     let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &model.device)?;
     let out = model.forward(&input, Layout::default(), None)?;
     let nll = labelled_nll_sum(model, &out.hidden, &targets)?.context("nothing to score")?;

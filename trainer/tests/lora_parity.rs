@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use common::{max_abs, max_abs_diff, model_dir};
 use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings, RouterMode, TrainableParams};
-use trainer::model::{load_model, LoadOptions, Model};
+use trainer::model::{load_model, LoadOptions, Model, Nf4Options};
 use trainer::train::{
     forward_backward, optimizer_step, AdamW, AdamWConfig, LossScaling, MicroBatch, Schedule, ScheduleKind, StepSettings,
 };
@@ -68,9 +68,10 @@ impl Case {
     }
 }
 
-fn setup(case: &Case, model_name: &str) -> (Model, TrainableParams) {
+fn setup(case: &Case, model_name: &str, nf4: bool) -> (Model, TrainableParams) {
     let moe = model_name.contains("mixtral");
-    let mut model = load_model(&model_dir(model_name), &LoadOptions::default()).unwrap().model;
+    let opts = LoadOptions { nf4: nf4.then_some(Nf4Options { double_quant: true }), ..LoadOptions::default() };
+    let mut model = load_model(&model_dir(model_name), &opts).unwrap().model;
     let plan = LoraPlan::new(case.settings(moe)).unwrap();
     let params = attach_lora(&mut model, &plan, &LoraInit::Tensors(case.prefixed("adapter."))).unwrap();
     (model, params)
@@ -85,7 +86,7 @@ fn assert_close_rel(got: &Tensor, want: &Tensor, what: &str) {
 
 fn check_gradients(name: &str, model_name: &str) {
     let c = case(name);
-    let (model, params) = setup(&c, model_name);
+    let (model, params) = setup(&c, model_name, name.ends_with("-nf4"));
     let ids: Vec<u32> = c.i64s("input_ids").into_iter().map(|x| x as u32).collect();
     let valid = c.tensors.get("attention_mask").map(|m| {
         m.flatten_all()
@@ -144,9 +145,19 @@ fn mixtral_lora_gradients_with_aux_loss_and_padding_match_peft() {
     check_gradients("grads-mixtral", "tiny-mixtral");
 }
 
+#[test]
+fn mistral_lora_gradients_on_an_nf4_base_match_bitsandbytes() {
+    check_gradients("grads-mistral-nf4", "tiny-mistral");
+}
+
+#[test]
+fn mixtral_lora_gradients_on_nf4_attention_and_experts_match_bitsandbytes() {
+    check_gradients("grads-mixtral-nf4", "tiny-mixtral");
+}
+
 fn check_trajectory(name: &str, model_name: &str, kind: ScheduleKind) {
     let c = case(name);
-    let (model, params) = setup(&c, model_name);
+    let (model, params) = setup(&c, model_name, false);
     let j = &c.json;
     let opt = &j["optimizer"];
     let betas = opt["betas"].as_array().unwrap();

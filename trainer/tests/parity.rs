@@ -28,7 +28,7 @@ fn input_ids(golden: &Golden) -> Tensor {
 /// Mean loss over the labelled tokens of `labels` `[b * t]`.
 fn mean_loss(model: &Model, ids: &Tensor, labels: &[i64]) -> (Tensor, usize) {
     let b = ids.dim(0).unwrap();
-    let targets = ShiftedTargets::new(labels, b, model.config.vocab_size).unwrap();
+    let targets = ShiftedTargets::new(labels, b, model.config.vocab_size, None).unwrap();
     let out = model.forward(ids, Layout::default(), None).unwrap();
     let sum = labelled_nll_sum(model, &out.hidden, &targets).unwrap().unwrap();
     ((sum / targets.len() as f64).unwrap(), targets.len())

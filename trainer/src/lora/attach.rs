@@ -129,7 +129,7 @@ pub fn attach_lora(model: &mut Model, plan: &LoraPlan, init: &LoraInit) -> Resul
                     RouterMode::Frozen => {}
                     RouterMode::Lora => at.attach(&mut moe.router, &router)?,
                     RouterMode::Full => {
-                        let var = Var::from_tensor(&moe.router.weight().to_dtype(DType::F32)?)?;
+                        let var = Var::from_tensor(&moe.router.dense_weight()?.to_dtype(DType::F32)?)?;
                         moe.router.set_weight(var.as_tensor().to_dtype(model.dtype)?);
                         at.named.push((format!("base_model.model.{router}.weight"), var));
                     }

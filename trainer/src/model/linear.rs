@@ -1,37 +1,84 @@
 //! A bias-free linear layer `y = x W^T` over the last dimension, optionally with a LoRA update.
+//!
+//! The base weight is either frozen — dense or NF4, through [`FrozenWeight`], which never computes
+//! or stores a gradient for it — or trainable (a `Var`'s tensor, plain matmul).
 
 use candle_core::{Result, Tensor};
 
 use crate::lora::LoraAdapter;
+use crate::quant::FrozenWeight;
+
+/// The base weight of a linear layer.
+#[derive(Debug, Clone)]
+pub enum LinearBase {
+    /// A frozen weight: gradients reach the input only.
+    Frozen(FrozenWeight),
+    /// A trainable `[out, in]` weight (a `Var`'s tensor).
+    Trainable(Tensor),
+}
 
 /// A linear layer with weight `[out, in]` (the Hugging Face layout).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    base: LinearBase,
     /// The LoRA update added to this layer's output, if any.
     pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
-    /// Wraps a `[out, in]` weight (a plain tensor, or a `Var`'s tensor when it is trained).
+    /// Wraps a dense `[out, in]` weight: trainable when it is a `Var`'s tensor, frozen otherwise.
     pub fn new(weight: Tensor) -> Self {
-        Linear { weight, lora: None }
+        let base = if weight.is_variable() {
+            LinearBase::Trainable(weight)
+        } else {
+            match FrozenWeight::dense(&weight) {
+                Ok(frozen) => LinearBase::Frozen(frozen),
+                Err(_) => LinearBase::Trainable(weight),
+            }
+        };
+        Linear { base, lora: None }
     }
 
-    /// The `[out, in]` weight.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// A layer over a frozen weight (dense or NF4).
+    pub fn frozen(weight: FrozenWeight) -> Self {
+        Linear { base: LinearBase::Frozen(weight), lora: None }
     }
 
-    /// Replaces the weight (for example by a trainable `Var`'s tensor).
+    /// The base weight.
+    pub fn base(&self) -> &LinearBase {
+        &self.base
+    }
+
+    /// The base weight as a dense tensor (NF4 dequantized to f32).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.base {
+            LinearBase::Frozen(w) => w.to_dense(&candle_core::Device::Cpu),
+            LinearBase::Trainable(w) => Ok(w.clone()),
+        }
+    }
+
+    /// Replaces the base weight by a dense tensor (a `Var`'s tensor makes it trainable).
     pub fn set_weight(&mut self, weight: Tensor) {
-        self.weight = weight;
+        self.base = Linear::new(weight).base;
     }
 
     /// `(out, in)`.
     pub fn shape(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (d[0], d[1])
+        match &self.base {
+            LinearBase::Frozen(w) => (w.out_features(), w.in_features()),
+            LinearBase::Trainable(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+        }
+    }
+
+    /// Bytes held by the base weight.
+    pub fn memory_bytes(&self) -> usize {
+        match &self.base {
+            LinearBase::Frozen(w) => w.memory_bytes(),
+            LinearBase::Trainable(w) => w.elem_count() * w.dtype().size_in_bytes(),
+        }
     }
 
     /// Applies the layer to `x` of shape `[..., in]`, giving `[..., out]`.
@@ -40,13 +87,16 @@ impl Linear {
         let in_features = dims[dims.len() - 1];
         let rows = x.elem_count() / in_features;
         let x2 = x.reshape((rows, in_features))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = match &self.base {
+            LinearBase::Frozen(w) => w.forward(&x2)?,
+            LinearBase::Trainable(w) => x2.matmul(&w.t()?)?,
+        };
         if let Some(lora) = &self.lora {
             y = (y + lora.delta(&x2)?)?;
         }
         let mut out_dims = dims.to_vec();
         let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
+        out_dims[last] = y.dim(1)?;
         y.reshape(out_dims)
     }
 }

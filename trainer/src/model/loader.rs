@@ -12,13 +12,28 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::attention::Attention;
 use super::checkpoint::Checkpoint;
+use super::checkpoint::DiskDType;
 use super::config::{Architecture, ModelConfig};
 use super::decoder::{DecoderLayer, FeedForward, Model};
 use super::linear::Linear;
 use super::mlp::Mlp;
 use super::moe::SparseMoe;
 use super::norm::RmsNorm;
+use crate::quant::bnb_format::QUANT_STATE_SUFFIX;
+use crate::quant::{BnbParts, FrozenWeight, Nf4Weight, RawTensor};
 use crate::{Error, Result};
+use safetensors::Dtype;
+
+fn safetensors_dtype(d: DiskDType) -> Dtype {
+    match d {
+        DiskDType::F32 => Dtype::F32,
+        DiskDType::BF16 => Dtype::BF16,
+        DiskDType::F16 => Dtype::F16,
+        DiskDType::U8 => Dtype::U8,
+        DiskDType::I64 => Dtype::I64,
+        DiskDType::I32 => Dtype::I32,
+    }
+}
 
 /// How a model is loaded.
 #[derive(Debug, Clone)]
@@ -29,11 +44,21 @@ pub struct LoadOptions {
     pub device: Device,
     /// Make every weight a trainable `Var` (full fine-tuning, gradient checks).
     pub trainable: bool,
+    /// Quantize every decoder linear (attention, MLP, each expert) to NF4 while loading, one tensor
+    /// at a time; embeddings, norms, routers and lm_head stay at `dtype`.
+    pub nf4: Option<Nf4Options>,
+}
+
+/// NF4 settings (bitsandbytes' defaults: blocks of 64, double quantization of the scales).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nf4Options {
+    /// Quantize the block scales too (~0.127 instead of 0.5 bits/parameter of overhead).
+    pub double_quant: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { dtype: DType::F32, device: Device::Cpu, trainable: false }
+        LoadOptions { dtype: DType::F32, device: Device::Cpu, trainable: false, nf4: None }
     }
 }
 
@@ -94,13 +119,69 @@ impl TensorSource<'_> {
         self.finish(name, t)
     }
 
+    /// A decoder linear: NF4 when quantizing (or when the checkpoint stores it in bitsandbytes'
+    /// 4-bit format), else dense at the compute dtype.
     fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        if let Some(w) = self.bnb_nf4(name, out, inp)? {
+            return Ok(Linear::frozen(FrozenWeight::nf4(w)?));
+        }
+        match (self.opts.nf4, self.opts.trainable) {
+            (Some(nf4), false) => {
+                let t = self.ckpt.load(name, &[out, inp], DType::F32, &Device::Cpu)?;
+                self.quantized(t, nf4)
+            }
+            _ => Ok(Linear::new(self.tensor(name, &[out, inp])?)),
+        }
+    }
+
+    /// A linear that is never quantized (lm_head).
+    fn plain_linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
         Ok(Linear::new(self.tensor(name, &[out, inp])?))
     }
 
+    fn quantized(&self, t: Tensor, nf4: Nf4Options) -> Result<Linear> {
+        let mut w = Nf4Weight::quantize_tensor(&t, nf4.double_quant)?;
+        w.set_dtype(self.opts.dtype);
+        Ok(Linear::frozen(FrozenWeight::nf4(w)?))
+    }
+
+    /// Reads a weight stored by bitsandbytes as NF4 (`name` + `.absmax`, `.quant_map`, ...).
+    fn bnb_nf4(&self, name: &str, out: usize, inp: usize) -> Result<Option<Nf4Weight>> {
+        if !self.ckpt.contains(&format!("{name}{QUANT_STATE_SUFFIX}")) {
+            return Ok(None);
+        }
+        let path = self.ckpt.info(name)?;
+        let path = self.ckpt.files[path.file].clone();
+        let mut raw: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = Vec::new();
+        for (n, info) in self.ckpt.tensors() {
+            if n == name || n.strip_prefix(name).is_some_and(|rest| rest.starts_with('.')) {
+                let (bytes, _) = self.ckpt.load_raw(n)?;
+                raw.push((n.clone(), bytes, safetensors_dtype(info.dtype), info.shape.clone()));
+            }
+        }
+        let parts = BnbParts::collect(name, &path, |full| {
+            Ok(raw.iter().find(|(n, ..)| n == full).map(|(_, b, d, s)| RawTensor::new(*d, s.clone(), b)))
+        })?;
+        let mut w = Nf4Weight::from_bnb_parts(&parts, name, &path)?;
+        if w.shape() != [out, inp] {
+            return Err(Error::ShapeMismatch {
+                path,
+                name: name.to_string(),
+                expected: vec![out, inp],
+                actual: w.shape().to_vec(),
+            });
+        }
+        w.set_dtype(self.opts.dtype);
+        Ok(Some(w))
+    }
+
     /// A `[rows, cols]` slice starting at flat element `first` of the tensor `source`, registered
-    /// under the hub-layout `name`.
+    /// under the hub-layout `name` (one expert of a fused expert tensor).
     fn slice(&mut self, source: &str, name: &str, first: usize, rows: usize, cols: usize) -> Result<Linear> {
+        if let (Some(nf4), false) = (self.opts.nf4, self.opts.trainable) {
+            let t = self.ckpt.load_range(source, first, &[rows, cols], DType::F32, &Device::Cpu)?;
+            return self.quantized(t, nf4);
+        }
         let t = self.ckpt.load_range(source, first, &[rows, cols], self.opts.dtype, &self.opts.device)?;
         Ok(Linear::new(self.finish(name, t)?))
     }
@@ -169,7 +250,7 @@ pub fn load_from_checkpoint(config: ModelConfig, ckpt: &Checkpoint, opts: &LoadO
     let lm_head = if c.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
         Linear::new(embed_tokens.clone())
     } else {
-        src.linear("lm_head.weight", c.vocab_size, h)?
+        src.plain_linear("lm_head.weight", c.vocab_size, h)?
     };
     let model = Model {
         config: config.clone(),

@@ -18,6 +18,6 @@ pub mod tokenizer;
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, ModelConfig, MoeConfig};
 pub use decoder::{DecoderOutput, Layout, Model};
-pub use loader::{load_model, ExpertLayout, LoadOptions, LoadedModel};
+pub use loader::{load_model, ExpertLayout, LoadOptions, LoadedModel, Nf4Options};
 pub use stats::ParameterCounts;
 pub use tokenizer::{ModelTokenizer, PromptFormat};

@@ -21,16 +21,18 @@ pub struct ShiftedTargets {
 }
 
 impl ShiftedTargets {
-    /// Pairs each position `p < t - 1` of each row with `labels[p + 1]` unless it is ignored.
+    /// Pairs each position `p < t - 1` of each row with `labels[p + 1]` unless it is ignored or,
+    /// in a packed row (`documents` given, `[b * t]`), `p + 1` starts another document.
     /// `labels` is `[b * t]` row-major. Fails on a label outside `0..vocab` that is not `-100`.
-    pub fn new(labels: &[i64], batch: usize, vocab: usize) -> Result<Self> {
+    pub fn new(labels: &[i64], batch: usize, vocab: usize, documents: Option<&[u32]>) -> Result<Self> {
         let t = labels.len() / batch.max(1);
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         for b in 0..batch {
             for p in 0..t.saturating_sub(1) {
                 let label = labels[b * t + p + 1];
-                if label == IGNORE_INDEX {
+                let crosses = documents.is_some_and(|d| d[b * t + p] != d[b * t + p + 1]);
+                if label == IGNORE_INDEX || crosses {
                     continue;
                 }
                 if label < 0 || label as usize >= vocab {

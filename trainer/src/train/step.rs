@@ -22,7 +22,8 @@ pub struct MicroBatch {
     pub seq_len: usize,
     /// Token ids `[batch * seq_len]`.
     pub input_ids: Vec<u32>,
-    /// Labels `[batch * seq_len]` (`-100` = not trained); position p predicts `labels[p + 1]`.
+    /// Labels `[batch * seq_len]` (`-100` = not trained); position p predicts `labels[p + 1]`
+    /// when both are in the same document.
     pub labels: Vec<i64>,
     /// Per-token positions (packed documents restart at 0); consecutive when `None`.
     pub positions: Option<Vec<u32>>,
@@ -86,7 +87,7 @@ pub fn forward_backward(
     }
     let device = &model.device;
     let ids = Tensor::from_vec(mb.input_ids.clone(), (b, t), device)?;
-    let targets = ShiftedTargets::new(&mb.labels, b, model.config.vocab_size)?;
+    let targets = ShiftedTargets::new(&mb.labels, b, model.config.vocab_size, mb.documents.as_deref())?;
     let layout = Layout {
         positions: mb.positions.as_deref(),
         documents: mb.documents.as_deref(),

@@ -7,6 +7,7 @@ use candle_core::{Result, Tensor, Var};
 use serde::Serialize;
 
 use super::grads::{accumulate, clip_global_norm};
+use super::loss::ShiftedTargets;
 use super::optim::AdamW;
 use super::schedule::Schedule;
 use super::step::{forward_backward, LossScaling, MicroBatch};
@@ -49,9 +50,8 @@ pub struct StepReport {
     pub applied: bool,
 }
 
-fn labelled_tokens(mb: &MicroBatch) -> usize {
-    let t = mb.seq_len;
-    (0..mb.batch).map(|b| (1..t).filter(|&p| mb.labels[b * t + p] != -100).count()).sum()
+fn labelled_tokens(mb: &MicroBatch, vocab: usize) -> Result<usize> {
+    Ok(ShiftedTargets::new(&mb.labels, mb.batch, vocab, mb.documents.as_deref())?.len())
 }
 
 /// Runs optimizer step `step` (0-based; it picks the learning rate) over `micro_batches`. A step
@@ -68,7 +68,8 @@ pub fn optimizer_step(
     settings: &StepSettings,
     dropout_seed: u64,
 ) -> Result<StepReport> {
-    let label_tokens: usize = micro_batches.iter().map(labelled_tokens).sum();
+    let vocab = model.config.vocab_size;
+    let label_tokens: usize = micro_batches.iter().map(|mb| labelled_tokens(mb, vocab)).sum::<Result<usize>>()?;
     let aux_coef = if model.config.is_moe() { settings.aux_coef } else { 0.0 };
     let scaling = LossScaling { label_tokens, aux_coef, aux_weight: 1.0 / micro_batches.len().max(1) as f64 };
     let mut grads: Vec<Option<Tensor>> = vec![None; params.named.len()];

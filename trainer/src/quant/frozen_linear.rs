@@ -1,0 +1,202 @@
+//! The frozen linear `y = x W^T` with a base weight (dense or NF4) that never receives a gradient and
+//! never costs one.
+//!
+//! candle's matmul backward computes the gradient of both operands, even a frozen one. Here `y` is
+//! computed outside the graph (from a detached `x`), then attached to `x` by a bridge op
+//! ([`FrozenLinearBridge`], a `CustomOp2` over `(x, y)`) whose forward returns `y` and whose backward
+//! returns only `dx = dy W` (and nothing for `y`). The weight is not an input of any recorded op, so the
+//! GradStore never holds anything of its size. When `x` carries no gradient (inference) the bridge is
+//! skipped.
+//!
+//! Dtypes: a dense weight is used in its own dtype (`x` is converted to it and the result back to `x`'s
+//! dtype); an NF4 weight computes in f32 (`x` of dtype bf16/f16/f64 is converted to f32 and back, through
+//! differentiable conversions). Devices: the products run wherever candle runs (dense) or on the CPU
+//! (NF4; a GPU kernel would go into [`super::nf4_matmul::Nf4MatMul`]'s `cuda_fwd`). The bridge has only
+//! a `cpu_fwd` (it copies `y`): training on a GPU needs its `cuda_fwd` too (a device copy), not written
+//! while the crate builds without candle's `cuda` feature. Inference needs no bridge.
+
+use super::nf4::Nf4Weight;
+use super::nf4_matmul::{Nf4MatMul, Nf4Product};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+/// A frozen base weight `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// A dense weight (any float dtype); detached at every use, so even a `Var`'s tensor stays frozen.
+    Dense(Tensor),
+    /// An NF4 weight (2-D).
+    Nf4(Arc<Nf4Weight>),
+}
+
+impl FrozenWeight {
+    /// A dense frozen weight; errors unless `w` is 2-D.
+    pub fn dense(w: &Tensor) -> crate::Result<Self> {
+        if w.rank() != 2 {
+            return Err(crate::Error::Invalid(format!(
+                "frozen linear: weight must be [out, in], found {:?}",
+                w.dims()
+            )));
+        }
+        Ok(FrozenWeight::Dense(w.detach()))
+    }
+
+    /// An NF4 frozen weight; errors unless it is 2-D.
+    pub fn nf4(w: Nf4Weight) -> crate::Result<Self> {
+        if w.shape().len() != 2 {
+            return Err(crate::Error::Invalid(format!(
+                "frozen linear: NF4 weight must be [out, in], found {:?}",
+                w.shape()
+            )));
+        }
+        Ok(FrozenWeight::Nf4(Arc::new(w)))
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
+        match self {
+            FrozenWeight::Dense(w) => w.dims2(),
+            FrozenWeight::Nf4(w) => match w.shape() {
+                [o, i] => Ok((*o, *i)),
+                s => bail!("frozen linear: NF4 weight must be [out, in], found {s:?}"),
+            },
+        }
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.dims().map(|d| d.0).unwrap_or(0)
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.dims().map(|d| d.1).unwrap_or(0)
+    }
+
+    /// Bytes held by the weight.
+    pub fn memory_bytes(&self) -> usize {
+        match self {
+            FrozenWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            FrozenWeight::Nf4(w) => w.memory_bytes(),
+        }
+    }
+
+    /// The weight as a dense tensor (NF4 dequantized to f32 on `device`), e.g. to merge an adapter into.
+    pub fn to_dense(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => w.detach().to_device(device),
+            FrozenWeight::Nf4(w) => w.to_tensor(device).map_err(|e| candle_core::Error::Msg(e.to_string())),
+        }
+    }
+
+    /// `x [..., in] -> x W^T [..., out]`. Gradients flow to `x` only; the weight never gets one.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, in_features) = self.dims()?;
+        if x.rank() == 0 || x.dim(candle_core::D::Minus1)? != in_features {
+            bail!("frozen linear: input {:?} does not end in {in_features}", x.dims())
+        }
+        let compute_dtype = match self {
+            FrozenWeight::Dense(_) => x.dtype(),
+            FrozenWeight::Nf4(_) => DType::F32,
+        };
+        let x_in = if x.dtype() == compute_dtype { x.clone() } else { x.to_dtype(compute_dtype)? };
+        let y = self.product(&x_in.detach(), false)?;
+        let y = if x_in.track_op() {
+            x_in.apply_op2_arc(&y, Arc::new(Box::new(FrozenLinearBridge { weight: self.clone() })))?
+        } else {
+            y
+        };
+        if y.dtype() == x.dtype() {
+            Ok(y)
+        } else {
+            y.to_dtype(x.dtype())
+        }
+    }
+
+    /// `dy [..., out] -> dy W [..., in]` outside the graph, in `dy`'s dtype.
+    pub fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
+        self.product(&dy.detach(), true)
+    }
+
+    /// `x W^T` (or `x W` when `transposed`) over the last dimension, outside the graph, result in `x`'s dtype.
+    fn product(&self, x: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = dims[dims.len() - 1];
+        let m = x.elem_count() / k.max(1);
+        match self {
+            FrozenWeight::Dense(w) => {
+                let w = w.detach();
+                let x2 = x.reshape((m, k))?;
+                let x2 = if x2.dtype() == w.dtype() { x2 } else { x2.to_dtype(w.dtype())? };
+                let y = if transposed { x2.matmul(&w)? } else { x2.matmul(&w.t()?)? };
+                let y = if y.dtype() == x.dtype() { y } else { y.to_dtype(x.dtype())? };
+                let mut out = dims;
+                if let Some(l) = out.last_mut() {
+                    *l = y.dim(1)?;
+                }
+                y.reshape(out)
+            }
+            FrozenWeight::Nf4(w) => {
+                if !x.device().is_cpu() {
+                    bail!("frozen linear: the NF4 kernel runs on the CPU only, input is on {:?}", x.device())
+                }
+                let product = if transposed { Nf4Product::InputGrad } else { Nf4Product::Forward };
+                let x32 =
+                    if x.dtype() == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
+                let y = x32.apply_op1_no_bwd(&Nf4MatMul { weight: w.clone(), product })?;
+                if x.dtype() == DType::F32 {
+                    Ok(y)
+                } else {
+                    y.to_dtype(x.dtype())
+                }
+            }
+        }
+    }
+}
+
+/// The bridge op over `(x, y)`: forward returns `y`; backward gives `x` the gradient `dy W` and `y`
+/// nothing.
+#[derive(Debug, Clone)]
+pub struct FrozenLinearBridge {
+    /// The frozen weight whose product `y` is.
+    pub weight: FrozenWeight,
+}
+
+/// Copies a contiguous slice of a float CPU storage.
+fn copy_storage(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
+    let Some((a, b)) = l.contiguous_offsets() else { bail!("frozen-linear bridge: contiguous output expected") };
+    Ok(match s {
+        CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
+        other => bail!("frozen-linear bridge: float output expected, found {:?}", other.dtype()),
+    })
+}
+
+impl CustomOp2 for FrozenLinearBridge {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _lx: &Layout,
+        y: &CpuStorage,
+        ly: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((copy_storage(y, ly)?, ly.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.weight.input_grad(grad)?), None))
+    }
+}

@@ -1,0 +1,190 @@
+//! Matrix products with an NF4 weight, tile by tile: `y = x W^T` (forward) and `dx = g W` (input
+//! gradient). The weight is dequantized a block of rows at a time into a scratch tile (in parallel) and
+//! multiplied with `gemm` straight into the destination, so no f32 copy of the whole weight ever exists.
+//!
+//! This file is the whole CPU path. [`Nf4MatMul`] is a candle `CustomOp1` so that a GPU kernel can be
+//! added as its `cuda_fwd` without touching the frozen-linear logic.
+
+use super::nf4::Nf4Weight;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use std::sync::Arc;
+
+/// Scratch floats per dequantized tile (4 MiB): 256 rows of a 4096-column weight.
+pub const TILE_FLOATS: usize = 1 << 20;
+
+/// Which product [`Nf4MatMul`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nf4Product {
+    /// `x [.., cols] -> x W^T [.., rows]` (a linear layer's forward).
+    Forward,
+    /// `g [.., rows] -> g W [.., cols]` (a linear layer's input gradient).
+    InputGrad,
+}
+
+/// Rows per tile for a weight with `cols` columns.
+fn tile_rows(w: &Nf4Weight) -> usize {
+    (TILE_FLOATS / w.cols()).clamp(1, w.rows())
+}
+
+/// gemm's parallelism over rayon's pool.
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `y [m, rows] = x [m, cols] W^T`, all row-major. Errors when the slices do not match the sizes.
+pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::Result<()> {
+    let (rows, cols) = (w.rows(), w.cols());
+    if x.len() != m * cols || y.len() != m * rows {
+        return Err(crate::Error::Invalid(format!(
+            "NF4 forward: x has {} values and y {} for m={m}, weight [{rows}, {cols}]",
+            x.len(),
+            y.len()
+        )));
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let tile = tile_rows(w);
+    let mut scratch = vec![0f32; tile * cols];
+    for r0 in (0..rows).step_by(tile) {
+        let r1 = (r0 + tile).min(rows);
+        let t = &mut scratch[..(r1 - r0) * cols];
+        w.dequantize_rows(r0..r1, t)?;
+        // SAFETY: dst covers columns r0..r1 of the m rows of `y` (row stride `rows`), lhs is `x` [m, cols]
+        // row-major, rhs is the tile read as its transpose [cols, r1 - r0] (column stride `cols`); all
+        // three are in bounds by the length checks above, and `y` does not alias `x` or the tile.
+        unsafe {
+            gemm::gemm(
+                m,
+                r1 - r0,
+                cols,
+                y.as_mut_ptr().add(r0),
+                1,
+                rows as isize,
+                false,
+                x.as_ptr(),
+                1,
+                cols as isize,
+                t.as_ptr(),
+                cols as isize,
+                1,
+                0f32,
+                1f32,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `dx [m, cols] = g [m, rows] W`, all row-major: the tiles' products are accumulated into `dx`.
+pub fn input_grad_cpu(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32]) -> crate::Result<()> {
+    let (rows, cols) = (w.rows(), w.cols());
+    if g.len() != m * rows || dx.len() != m * cols {
+        return Err(crate::Error::Invalid(format!(
+            "NF4 input gradient: g has {} values and dx {} for m={m}, weight [{rows}, {cols}]",
+            g.len(),
+            dx.len()
+        )));
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let tile = tile_rows(w);
+    let mut scratch = vec![0f32; tile * cols];
+    for r0 in (0..rows).step_by(tile) {
+        let r1 = (r0 + tile).min(rows);
+        let t = &mut scratch[..(r1 - r0) * cols];
+        w.dequantize_rows(r0..r1, t)?;
+        // SAFETY: dst is `dx` [m, cols] row-major (read and accumulated after the first tile), lhs is
+        // columns r0..r1 of `g` (row stride `rows`), rhs is the tile [r1 - r0, cols] row-major; in bounds
+        // by the length checks above, and `dx` aliases neither input.
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                r1 - r0,
+                dx.as_mut_ptr(),
+                1,
+                cols as isize,
+                r0 > 0,
+                g.as_ptr().add(r0),
+                1,
+                rows as isize,
+                t.as_ptr(),
+                1,
+                cols as isize,
+                1f32,
+                1f32,
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The NF4 products as a candle op (no backward: gradients are handled by the frozen-linear bridge).
+/// Input: a contiguous f32 tensor whose last dimension is `cols` (forward) or `rows` (input gradient).
+#[derive(Debug, Clone)]
+pub struct Nf4MatMul {
+    /// The quantized weight `[rows, cols]`.
+    pub weight: Arc<Nf4Weight>,
+    /// The product computed.
+    pub product: Nf4Product,
+}
+
+impl CustomOp1 for Nf4MatMul {
+    fn name(&self) -> &'static str {
+        match self.product {
+            Nf4Product::Forward => "nf4-linear-forward",
+            Nf4Product::InputGrad => "nf4-linear-input-grad",
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{}: f32 input expected, found {:?}", self.name(), storage.dtype())
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: contiguous input expected", self.name())
+        };
+        let x = &data[start..end];
+        let dims = layout.dims();
+        let Some(&last) = dims.last() else { candle_core::bail!("{}: input must have a dimension", self.name()) };
+        let w = &self.weight;
+        let (k, n) = match self.product {
+            Nf4Product::Forward => (w.cols(), w.rows()),
+            Nf4Product::InputGrad => (w.rows(), w.cols()),
+        };
+        if last != k {
+            candle_core::bail!(
+                "{}: last dimension {last} of {dims:?}, the weight [{}, {}] needs {k}",
+                self.name(),
+                w.rows(),
+                w.cols()
+            )
+        }
+        let m = x.len() / k;
+        let mut out = vec![0f32; m * n];
+        let result = match self.product {
+            Nf4Product::Forward => forward_cpu(w, x, m, &mut out),
+            Nf4Product::InputGrad => input_grad_cpu(w, x, m, &mut out),
+        };
+        result.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut out_dims = dims.to_vec();
+        if let Some(l) = out_dims.last_mut() {
+            *l = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
