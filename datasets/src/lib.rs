@@ -1,1 +1,47 @@
-//! Parquet datasets, record formats, Mistral prompt encoders, loss masks and packing.
+//! Parquet datasets, record formats, Mistral prompt encoders, loss masks and packing for tramontane.
+//!
+//! The path of the data: files ([`source`]: Parquet or JSON lines) -> records ([`record`]: text, instruct, chat,
+//! tools, tokens) -> token ids and loss masks ([`encode`]: Mistral v1/v3, token-for-token equal to
+//! mistral-common) -> an in-memory [`Dataset`] with statistics and an eval split ([`dataset`]) -> shuffled, packed
+//! micro-batches with per-document positions and ids and a resumable [`DataPosition`] ([`batch`]).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use datasets::{load, BatchConfig, Batches, DataConfig, Encoder};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let tokenizer = tokenizers::Tokenizer::from_file("model/tokenizer.json").map_err(|e| e.to_string())?;
+//! let config = DataConfig { files: vec!["train.parquet".into()], ..DataConfig::default() };
+//! let encoder = Encoder::new(&tokenizer, config.prompt_format)?;
+//! let data = load(&config, &encoder, 0)?;
+//! let mut batches = Batches::new(data.train.clone(), BatchConfig::new(&config, 4, 0, encoder.eos_id()))?;
+//! let batch = batches.next_batch();
+//! assert_eq!(batch.input_ids.len(), batch.batch_size * batch.seq_len);
+//! # Ok(()) }
+//! ```
+//!
+//! This crate knows nothing of the model or of candle: it hands out plain vectors.
+
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod config;
+pub mod dataset;
+pub mod encode;
+pub mod error;
+pub mod json;
+pub mod record;
+pub mod rng;
+pub mod source;
+pub mod suggest;
+
+pub use batch::{build_batch, Batch, BatchConfig, Batches, DataPosition, DocSpan, EpochPlan, PackingStats};
+pub use config::{Columns, DataConfig, Format, OnInvalid, PromptFormatChoice, Truncation};
+pub use dataset::{load, load_files, Dataset, DatasetStats, Example, LoadedData};
+pub use encode::{Encoded, Encoder, PromptFormat};
+pub use error::{Error, Origin, Problem, ProblemKind, RecordError, Result};
+pub use json::Json;
+pub use record::{Conversation, Message, Record, Role, ToolCall, ToolSpec};
+
+/// The label of a token that is not trained (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;

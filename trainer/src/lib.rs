@@ -6,6 +6,7 @@ pub mod infer;
 pub mod lora;
 pub mod model;
 pub mod quant;
+pub mod recipe;
 pub mod system;
 pub mod train;
 

@@ -1,0 +1,1168 @@
+//! The training recipe: one TOML file, typed and validated, overridable from the command line.
+//!
+//! ```toml
+//! [model]
+//! path = "models/Mistral-7B-v0.3"    # config.json, *.safetensors, tokenizer.json
+//!
+//! [lora]
+//! r = 16
+//! targets = ["q", "k", "v", "o"]
+//!
+//! [data]
+//! files = ["data/train.parquet"]
+//! format = "chat"
+//!
+//! [train]
+//! learning_rate = 2e-4
+//! epochs = 1
+//! ```
+//!
+//! Every section and key has a default except `model.path` and `data.files`. Unknown keys and wrong types are
+//! errors that name the file, the line, the key and a likely correct spelling; relative paths resolve from the
+//! recipe's directory; `--set section.key=value` overrides are typed by the field they set (relative paths in
+//! them resolve from the current directory); [`Recipe::to_toml`] writes the resolved recipe back (the training
+//! loop stores it in the run directory).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use datasets::DataConfig;
+
+/// A complete training recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// The base model.
+    pub model: ModelSection,
+    /// How the frozen base weights are stored.
+    #[serde(default)]
+    pub quantization: QuantizationSection,
+    /// The LoRA adapter.
+    #[serde(default)]
+    pub lora: LoraSection,
+    /// The data (see [`datasets::DataConfig`]).
+    #[serde(default)]
+    pub data: DataConfig,
+    /// The optimization.
+    #[serde(default)]
+    pub train: TrainSection,
+    /// Evaluation during training.
+    #[serde(default)]
+    pub eval: EvalSection,
+    /// Where and how often to save.
+    #[serde(default)]
+    pub output: OutputSection,
+    /// Metrics.
+    #[serde(default)]
+    pub logging: LoggingSection,
+    /// The file the recipe was read from (not part of the TOML).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[model]`: the base model directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Directory with `config.json`, `*.safetensors` (sharded or not) and `tokenizer.json`. Required.
+    pub path: PathBuf,
+    /// The tokenizer file; default `<path>/tokenizer.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    /// Compute dtype of activations and of unquantized weights. Default `auto` (bf16 on a GPU, f32 on CPU).
+    #[serde(default)]
+    pub dtype: Dtype,
+}
+
+/// A floating-point dtype choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// bf16 on accelerators, f32 on CPU.
+    #[default]
+    Auto,
+    /// 32-bit float.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// `[quantization]`: storage of the frozen base weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuantizationSection {
+    /// `nf4` (QLoRA, as bitsandbytes) or `none` (the base stays in `model.dtype`). Default `nf4`.
+    pub method: QuantMethod,
+    /// Quantize the per-block scales too (bitsandbytes `compress_statistics`, ~0.37 bit/param saved). Default true.
+    pub double_quant: bool,
+    /// Elements per NF4 block (bitsandbytes uses 64). Default 64.
+    pub block_size: usize,
+    /// Linear layers kept in `model.dtype`: `lm_head`, `router`, or target names (`q`, ..., `w3`, `experts`).
+    /// Default `["lm_head", "router"]`.
+    pub keep_unquantized: Vec<String>,
+}
+
+impl Default for QuantizationSection {
+    fn default() -> Self {
+        QuantizationSection {
+            method: QuantMethod::Nf4,
+            double_quant: true,
+            block_size: 64,
+            keep_unquantized: vec!["lm_head".into(), "router".into()],
+        }
+    }
+}
+
+/// Quantization method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantMethod {
+    /// 4-bit NormalFloat, blockwise absmax (QLoRA).
+    Nf4,
+    /// No quantization.
+    None,
+}
+
+/// A linear layer kind that LoRA can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Attention query projection (`q_proj`).
+    Q,
+    /// Attention key projection (`k_proj`).
+    K,
+    /// Attention value projection (`v_proj`).
+    V,
+    /// Attention output projection (`o_proj`).
+    O,
+    /// Dense MLP gate projection (`gate_proj`).
+    Gate,
+    /// Dense MLP up projection (`up_proj`).
+    Up,
+    /// Dense MLP down projection (`down_proj`).
+    Down,
+    /// Expert gate projection (Mixtral `w1`).
+    W1,
+    /// Expert down projection (Mixtral `w2`).
+    W2,
+    /// Expert up projection (Mixtral `w3`).
+    W3,
+}
+
+impl Target {
+    /// Every target, in canonical order.
+    pub const ALL: [Target; 10] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+        Target::W1,
+        Target::W2,
+        Target::W3,
+    ];
+
+    /// The recipe name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Q => "q",
+            Target::K => "k",
+            Target::V => "v",
+            Target::O => "o",
+            Target::Gate => "gate",
+            Target::Up => "up",
+            Target::Down => "down",
+            Target::W1 => "w1",
+            Target::W2 => "w2",
+            Target::W3 => "w3",
+        }
+    }
+
+    /// Parses a target name or group: `q k v o gate up down w1 w2 w3`, the Hugging Face names (`q_proj`, ...),
+    /// `attention` (q k v o), `mlp` (gate up down), `experts` (w1 w2 w3), `all` (all of them; the engine uses
+    /// those the model has).
+    pub fn parse_group(name: &str) -> Option<Vec<Target>> {
+        use Target::*;
+        Some(match name {
+            "q" | "q_proj" => vec![Q],
+            "k" | "k_proj" => vec![K],
+            "v" | "v_proj" => vec![V],
+            "o" | "o_proj" => vec![O],
+            "gate" | "gate_proj" => vec![Gate],
+            "up" | "up_proj" => vec![Up],
+            "down" | "down_proj" => vec![Down],
+            "w1" => vec![W1],
+            "w2" => vec![W2],
+            "w3" => vec![W3],
+            "attention" => vec![Q, K, V, O],
+            "mlp" => vec![Gate, Up, Down],
+            "experts" => vec![W1, W2, W3],
+            "all" => Target::ALL.to_vec(),
+            _ => return None,
+        })
+    }
+
+    const NAMES: [&'static str; 21] = [
+        "q",
+        "k",
+        "v",
+        "o",
+        "gate",
+        "up",
+        "down",
+        "w1",
+        "w2",
+        "w3",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "attention",
+        "mlp",
+        "experts",
+        "all",
+    ];
+}
+
+/// What happens to the MoE router (`block_sparse_moe.gate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterMode {
+    /// Not trained (default).
+    #[default]
+    Frozen,
+    /// A LoRA on the router.
+    Lora,
+    /// The router weight itself is trained (and saved in the adapter).
+    Full,
+}
+
+/// `[lora]`: the adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraSection {
+    /// Rank. Default 16.
+    pub r: usize,
+    /// Scale numerator: the update is `alpha / r * B A x` (or `alpha / sqrt(r)` with rsLoRA). Default 32.
+    pub alpha: f64,
+    /// Dropout on the LoRA input during training. Default 0.05.
+    pub dropout: f64,
+    /// rsLoRA scaling `alpha / sqrt(r)`. Default false.
+    pub use_rslora: bool,
+    /// Layers to adapt: see [`Target::parse_group`]. Default `["q", "k", "v", "o"]`.
+    pub targets: Vec<String>,
+    /// Per-module rank overrides, PEFT semantics (regex or name suffix -> rank).
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides, PEFT semantics (regex or name suffix -> alpha).
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Only these decoder layers (0-based); empty = all.
+    pub layers_to_transform: Vec<usize>,
+    /// MoE router: `frozen`, `lora` or `full`. Default `frozen`.
+    pub router: RouterMode,
+    /// Start from an existing adapter directory (PEFT layout) instead of the standard init.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            use_rslora: false,
+            targets: vec!["q".into(), "k".into(), "v".into(), "o".into()],
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            layers_to_transform: Vec::new(),
+            router: RouterMode::Frozen,
+            init_from: None,
+        }
+    }
+}
+
+impl LoraSection {
+    /// The targets with groups and Hugging Face names expanded, deduplicated, in canonical order.
+    pub fn target_set(&self) -> Vec<Target> {
+        let mut v: Vec<Target> = self.targets.iter().filter_map(|t| Target::parse_group(t)).flatten().collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The scale `alpha / r` (or `alpha / sqrt(r)` with rsLoRA) for rank `r`.
+    pub fn scale(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+/// Learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Constant at `learning_rate`.
+    Constant,
+    /// Linear decay to `min_lr_ratio * learning_rate`.
+    Linear,
+    /// Cosine decay to `min_lr_ratio * learning_rate` (default).
+    #[default]
+    Cosine,
+}
+
+/// `[train]`: the optimization.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    /// Seed of everything random: LoRA init, dropout, data shuffling and the eval split. Default 0.
+    pub seed: u64,
+    /// Passes over the training data. Default 1 when `max_steps` is not set; exclusive with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
+    /// Optimizer steps to run; exclusive with `epochs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u64>,
+    /// Sequences per forward/backward pass. Default 1.
+    pub micro_batch_size: usize,
+    /// Micro-batches per optimizer step (gradients summed, normalized by the step's total target tokens).
+    /// Default 1.
+    pub grad_accum_steps: usize,
+    /// Peak learning rate. Default 2e-4.
+    pub learning_rate: f64,
+    /// Schedule after warmup. Default `cosine`.
+    pub schedule: Schedule,
+    /// Linear warmup from 0, in optimizer steps. Default 0.
+    pub warmup_steps: u64,
+    /// Final learning rate as a fraction of the peak (linear and cosine). Default 0.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay. Default 0.
+    pub weight_decay: f64,
+    /// AdamW betas. Default [0.9, 0.999].
+    pub betas: [f64; 2],
+    /// AdamW epsilon. Default 1e-8.
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 = no clipping). Default 1.0.
+    pub max_grad_norm: f64,
+    /// Recompute each layer's activations in the backward pass (saves memory). Default true.
+    pub gradient_checkpointing: bool,
+    /// Weight of the MoE load-balancing loss, added whenever the model has experts; default: the model
+    /// config's `router_aux_loss_coef` (0.001 for Mixtral). 0 turns it off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_aux_coef: Option<f64>,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            seed: 0,
+            epochs: None,
+            max_steps: None,
+            micro_batch_size: 1,
+            grad_accum_steps: 1,
+            learning_rate: 2e-4,
+            schedule: Schedule::Cosine,
+            warmup_steps: 0,
+            min_lr_ratio: 0.0,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            gradient_checkpointing: true,
+            router_aux_coef: None,
+        }
+    }
+}
+
+/// How long training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duration {
+    /// Whole passes over the data.
+    Epochs(u64),
+    /// Optimizer steps.
+    Steps(u64),
+}
+
+impl TrainSection {
+    /// `epochs` or `max_steps` (1 epoch when neither is set).
+    pub fn duration(&self) -> Duration {
+        match (self.epochs, self.max_steps) {
+            (_, Some(s)) => Duration::Steps(s),
+            (Some(e), None) => Duration::Epochs(e),
+            (None, None) => Duration::Epochs(1),
+        }
+    }
+}
+
+/// `[eval]`: evaluation during training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Evaluate every this many optimizer steps (0 = only at the end). Default 0.
+    pub every_steps: u64,
+    /// Evaluate on at most this many micro-batches (absent = the whole eval split).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batches: Option<usize>,
+    /// User messages whose greedy completions are shown and logged at each evaluation.
+    pub prompts: Vec<String>,
+    /// Tokens generated per prompt. Default 64.
+    pub max_new_tokens: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { every_steps: 0, max_batches: None, prompts: Vec::new(), max_new_tokens: 64 }
+    }
+}
+
+/// Layout of saved expert adapters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum AdapterLayout {
+    /// What PEFT 0.21 writes (fused `target_parameters` keys for experts). Default.
+    #[default]
+    #[serde(rename = "peft")]
+    Peft,
+    /// The legacy per-expert `experts.E.w1` keys (transformers 4 / older PEFT).
+    #[serde(rename = "per-expert")]
+    PerExpert,
+}
+
+/// `[output]`: where and how often to save.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSection {
+    /// Run directory (adapters, checkpoints, logs, the resolved recipe). Default `runs/<recipe name>` in the
+    /// current directory.
+    pub dir: PathBuf,
+    /// Save a checkpoint every this many optimizer steps (0 = only at the end). Default 0.
+    pub save_every_steps: u64,
+    /// Checkpoints kept (oldest deleted first). Default 3.
+    pub keep_last: usize,
+    /// Also keep the adapter with the best eval loss. Default true.
+    pub save_best: bool,
+    /// Expert adapter key layout: `peft` or `per-expert`. Default `peft`.
+    pub adapter_layout: AdapterLayout,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            dir: PathBuf::new(),
+            save_every_steps: 0,
+            keep_last: 3,
+            save_best: true,
+            adapter_layout: AdapterLayout::Peft,
+        }
+    }
+}
+
+/// `[logging]`: metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingSection {
+    /// Log every this many optimizer steps. Default 10.
+    pub every_steps: u64,
+    /// Write TensorBoard event files. Default true.
+    pub tensorboard: bool,
+    /// Write `metrics.jsonl`. Default true.
+    pub jsonl: bool,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        LoggingSection { every_steps: 10, tensorboard: true, jsonl: true }
+    }
+}
+
+/// Why a recipe was refused. Displays as `FILE:LINE: key `section.key`: what is wrong (did you mean ...?)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipeError {
+    /// The recipe file, or `--set key=value` for an override.
+    pub origin: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// The key, `section.key`, when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+    /// A likely correct spelling.
+    pub suggestion: Option<String>,
+}
+
+impl fmt::Display for RecipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.origin)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        f.write_str(": ")?;
+        if let Some(k) = &self.key {
+            write!(f, "`{k}`: ")?;
+        }
+        f.write_str(&self.message)?;
+        if let Some(s) = &self.suggestion {
+            write!(f, " (did you mean `{s}`?)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RecipeError {}
+
+impl RecipeError {
+    fn new(origin: &str, key: Option<String>, message: impl Into<String>) -> RecipeError {
+        RecipeError { origin: origin.to_string(), line: None, key, message: message.into(), suggestion: None }
+    }
+}
+
+/// The sections of a recipe.
+const SECTIONS: [&str; 8] = ["model", "quantization", "lora", "data", "train", "eval", "output", "logging"];
+
+/// Keys holding paths: relative values in the file resolve from the recipe's directory, in `--set` from the
+/// current directory.
+const PATH_KEYS: [&str; 7] =
+    ["model.path", "model.tokenizer", "lora.init_from", "data.files", "data.dir", "data.eval_files", "output.dir"];
+
+impl Recipe {
+    /// Reads, overrides, resolves and validates a recipe file. `overrides` are `section.key=value` strings.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RecipeError::new(&path.display().to_string(), None, e.to_string()))?;
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let base = clean_path(&if base.is_relative() { cwd.join(base) } else { base });
+        let mut r = Recipe::parse(&text, &path.display().to_string(), &base, &cwd, overrides)?;
+        r.source = Some(path.to_path_buf());
+        if r.output.dir.as_os_str().is_empty() {
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+            r.output.dir = cwd.join("runs").join(stem);
+        }
+        Ok(r)
+    }
+
+    /// Parses recipe text. `origin` names it in errors; relative paths in the text resolve from `base_dir`, those
+    /// in overrides from `cwd`. Validates the result.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        base_dir: &Path,
+        cwd: &Path,
+        overrides: &[String],
+    ) -> Result<Recipe, RecipeError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| toml_error(&e, text, origin))?;
+        // The file alone: report its own mistakes with line numbers (a missing key may come from an override).
+        let file_missing = match toml::from_str::<Recipe>(text) {
+            Ok(_) => None,
+            Err(e) if e.message().starts_with("missing field") => Some(toml_error(&e, text, origin)),
+            Err(e) => return Err(toml_error(&e, text, origin)),
+        };
+        resolve_paths_in(&mut table, base_dir);
+        let reference = toml::Value::try_from(Recipe::template()).ok();
+        for o in overrides {
+            let origin_o = format!("--set {o}");
+            let (key, raw) = o.split_once('=').ok_or_else(|| {
+                RecipeError::new(&origin_o, None, "expected `section.key=value`, e.g. `--set train.learning_rate=1e-4`")
+            })?;
+            let key = key.trim();
+            let path: Vec<&str> = key.split('.').collect();
+            if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+                return Err(RecipeError::new(&origin_o, None, format!("`{key}` is not `section.key`")));
+            }
+            let known = reference.as_ref().and_then(|r| lookup(r, &path));
+            let mut value =
+                typed_value(raw.trim(), known).map_err(|m| RecipeError::new(&origin_o, Some(key.into()), m))?;
+            if PATH_KEYS.contains(&key) {
+                absolutize(&mut value, cwd);
+            }
+            let mut candidate = table.clone();
+            insert(&mut candidate, &path, value).map_err(|m| RecipeError::new(&origin_o, Some(key.into()), m))?;
+            // The override alone must be a valid key with a valid value.
+            let text2 = toml::to_string(&candidate).map_err(|e| RecipeError::new(&origin_o, None, e.to_string()))?;
+            if let Err(e) = toml::from_str::<Recipe>(&text2) {
+                if !e.message().starts_with("missing field") {
+                    let mut err = toml_error(&e, &text2, &origin_o);
+                    err.line = None;
+                    return Err(err);
+                }
+            }
+            table = candidate;
+        }
+        let text2 = toml::to_string(&table).map_err(|e| RecipeError::new(origin, None, e.to_string()))?;
+        let recipe: Recipe = match toml::from_str(&text2) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(file_missing.unwrap_or_else(|| {
+                    let mut err = toml_error(&e, &text2, origin);
+                    err.line = None;
+                    err
+                }))
+            }
+        };
+        recipe.validate().map_err(|(key, message)| {
+            let line = locate(text, &key);
+            let overridden = overrides.iter().any(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key));
+            let origin = if overridden {
+                overrides
+                    .iter()
+                    .find(|o| o.starts_with(&key))
+                    .map(|o| format!("--set {o}"))
+                    .unwrap_or(origin.to_string())
+            } else {
+                origin.to_string()
+            };
+            RecipeError {
+                origin,
+                line: if overridden { None } else { line },
+                key: Some(key),
+                message,
+                suggestion: None,
+            }
+        })?;
+        Ok(recipe)
+    }
+
+    /// A recipe with every default and a placeholder model path (used to type `--set` values).
+    pub fn template() -> Recipe {
+        Recipe {
+            model: ModelSection { path: PathBuf::from("MODEL"), tokenizer: None, dtype: Dtype::Auto },
+            quantization: QuantizationSection::default(),
+            lora: LoraSection::default(),
+            data: DataConfig { files: vec![PathBuf::from("DATA")], ..DataConfig::default() },
+            train: TrainSection::default(),
+            eval: EvalSection::default(),
+            output: OutputSection::default(),
+            logging: LoggingSection::default(),
+            source: None,
+        }
+    }
+
+    /// The resolved recipe as TOML (every default explicit, paths absolute), with a header comment.
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not serialize: {e}\n"));
+        let from = self.source.as_ref().map(|p| format!(" from {}", p.display())).unwrap_or_default();
+        format!("# Resolved tramontane recipe{from}: defaults filled in, paths absolute.\n\n{body}")
+    }
+
+    /// The tokenizer file: `model.tokenizer`, or `tokenizer.json` in the model directory.
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.model.tokenizer.clone().unwrap_or_else(|| self.model.path.join("tokenizer.json"))
+    }
+
+    /// Batch settings for the training stream.
+    pub fn batch_config(&self, pad_id: u32) -> datasets::BatchConfig {
+        datasets::BatchConfig::new(&self.data, self.train.micro_batch_size, self.train.seed, pad_id)
+    }
+
+    /// Checks values against each other and their ranges. The error names the key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn err<T>(key: &str, msg: impl Into<String>) -> Result<T, (String, String)> {
+            Err((key.to_string(), msg.into()))
+        }
+        let q = &self.quantization;
+        if !q.block_size.is_power_of_two() || !(64..=4096).contains(&q.block_size) {
+            return err(
+                "quantization.block_size",
+                format!("must be a power of two from 64 to 4096 (got {})", q.block_size),
+            );
+        }
+        for k in &q.keep_unquantized {
+            if k != "lm_head" && k != "router" && Target::parse_group(k).is_none() {
+                let mut names: Vec<&str> = vec!["lm_head", "router"];
+                names.extend(Target::NAMES);
+                let hint =
+                    datasets::suggest::closest(k, names).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+                return err(
+                    "quantization.keep_unquantized",
+                    format!("unknown layer `{k}`{hint}; use lm_head, router or a LoRA target name"),
+                );
+            }
+        }
+        let l = &self.lora;
+        if l.r == 0 {
+            return err("lora.r", "must be at least 1 (got 0)");
+        }
+        if !positive(l.alpha) {
+            return err("lora.alpha", format!("must be positive (got {})", l.alpha));
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            return err("lora.dropout", format!("must be in [0, 1) (got {})", l.dropout));
+        }
+        if l.targets.is_empty() {
+            return err("lora.targets", "name at least one layer kind, e.g. [\"q\", \"k\", \"v\", \"o\"]");
+        }
+        for t in &l.targets {
+            if Target::parse_group(t).is_none() {
+                let hint = datasets::suggest::closest(t, Target::NAMES)
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                return err("lora.targets", format!("unknown target `{t}`{hint}; expected q, k, v, o, gate, up, down, w1, w2, w3, attention, mlp, experts or all"));
+            }
+        }
+        if let Some((k, _)) = l.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            return err("lora.rank_pattern", format!("rank for `{k}` must be at least 1"));
+        }
+        if let Some((k, _)) = l.alpha_pattern.iter().find(|(_, &a)| !positive(a)) {
+            return err("lora.alpha_pattern", format!("alpha for `{k}` must be positive"));
+        }
+        self.data.check().map_err(|(key, message)| (key.to_string(), message))?;
+        let t = &self.train;
+        if t.epochs.is_some() && t.max_steps.is_some() {
+            return err("train.max_steps", "set train.epochs or train.max_steps, not both");
+        }
+        if t.epochs == Some(0) {
+            return err("train.epochs", "must be at least 1 (got 0)");
+        }
+        if t.max_steps == Some(0) {
+            return err("train.max_steps", "must be at least 1 (got 0)");
+        }
+        if t.micro_batch_size == 0 {
+            return err("train.micro_batch_size", "must be at least 1 (got 0)");
+        }
+        if t.grad_accum_steps == 0 {
+            return err("train.grad_accum_steps", "must be at least 1 (got 0)");
+        }
+        if !positive(t.learning_rate) {
+            return err("train.learning_rate", format!("must be positive (got {})", t.learning_rate));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return err("train.min_lr_ratio", format!("must be in [0, 1] (got {})", t.min_lr_ratio));
+        }
+        if !non_negative(t.weight_decay) {
+            return err("train.weight_decay", format!("must be at least 0 (got {})", t.weight_decay));
+        }
+        if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return err("train.betas", format!("each beta must be in [0, 1) (got {:?})", t.betas));
+        }
+        if !positive(t.eps) {
+            return err("train.eps", format!("must be positive (got {})", t.eps));
+        }
+        if !non_negative(t.max_grad_norm) {
+            return err(
+                "train.max_grad_norm",
+                format!("must be at least 0; 0 turns clipping off (got {})", t.max_grad_norm),
+            );
+        }
+        if t.router_aux_coef.is_some_and(|c| !non_negative(c)) {
+            return err("train.router_aux_coef", "must be at least 0 (0 turns the load-balancing loss off)");
+        }
+        if self.eval.max_batches == Some(0) {
+            return err("eval.max_batches", "must be at least 1 (or absent for the whole eval split)");
+        }
+        if self.eval.max_new_tokens == 0 && !self.eval.prompts.is_empty() {
+            return err("eval.max_new_tokens", "must be at least 1 when eval.prompts are given");
+        }
+        if self.output.keep_last == 0 {
+            return err("output.keep_last", "must be at least 1 (got 0)");
+        }
+        if self.logging.every_steps == 0 {
+            return err("logging.every_steps", "must be at least 1 (got 0)");
+        }
+        Ok(())
+    }
+}
+
+/// Finite and > 0 (false for NaN).
+fn positive(x: f64) -> bool {
+    x > 0.0 && x.is_finite()
+}
+
+/// Finite and >= 0 (false for NaN).
+fn non_negative(x: f64) -> bool {
+    x >= 0.0 && x.is_finite()
+}
+
+/// Turns a TOML/serde error into a [`RecipeError`] with line, key and suggestion.
+fn toml_error(e: &toml::de::Error, text: &str, origin: &str) -> RecipeError {
+    let msg = e.message().trim().to_string();
+    let span = e.span();
+    let line = span.as_ref().map(|s| text.get(..s.start).unwrap_or(text).matches('\n').count() + 1);
+    let section = span.as_ref().and_then(|s| section_at(text, s.start));
+    let key_on_line = span.as_ref().and_then(|s| key_at(text, s.start));
+    let join = |k: &str| match &section {
+        Some(s) if !s.is_empty() => format!("{s}.{k}"),
+        _ => k.to_string(),
+    };
+    let mut err = RecipeError { origin: origin.to_string(), line, key: None, message: msg.clone(), suggestion: None };
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let (name, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let expected = backticked(tail);
+        let top_level = expected.iter().any(|e| e == "model") && expected.iter().any(|e| e == "train");
+        err.key = Some(if top_level { name.to_string() } else { join(name) });
+        let place = match &section {
+            Some(s) if !s.is_empty() => format!("[{s}]"),
+            _ => "the top level".to_string(),
+        };
+        err.message = if expected.is_empty() {
+            format!("unknown key in {place}")
+        } else {
+            format!("unknown key; {place} accepts {}", expected.join(", "))
+        };
+        err.suggestion = datasets::suggest::closest(name, expected.iter().map(|s| s.as_str())).map(str::to_string);
+        if top_level {
+            err.message = format!("unknown section; a recipe has {}", expected.join(", "));
+        }
+    } else if let Some(rest) = msg.strip_prefix("unknown variant `") {
+        let (name, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let expected = backticked(tail);
+        err.key = key_on_line.as_deref().map(join);
+        err.message = format!("unknown value `{name}`; expected one of {}", expected.join(", "));
+        err.suggestion = datasets::suggest::closest(name, expected.iter().map(|s| s.as_str())).map(str::to_string);
+    } else if let Some(rest) = msg.strip_prefix("missing field `") {
+        let name = rest.split('`').next().unwrap_or(rest);
+        let key = match &section {
+            _ if SECTIONS.contains(&name) => name.to_string(),
+            Some(s) if !s.is_empty() => format!("{s}.{name}"),
+            _ => name.to_string(),
+        };
+        err.message = if key.contains('.') { "missing required key".into() } else { "missing required section".into() };
+        err.key = Some(key);
+        err.line = None;
+    } else if msg.starts_with("invalid type") || msg.starts_with("invalid value") || msg.starts_with("invalid length") {
+        err.key = key_on_line.as_deref().map(join);
+        err.message = humanize_type_error(&msg);
+    }
+    err
+}
+
+/// Names between backticks, e.g. from "expected one of `a`, `b`".
+fn backticked(s: &str) -> Vec<String> {
+    s.split('`').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+/// "invalid type: string \"x\", expected f64" -> "expected a number, found string \"x\"".
+fn humanize_type_error(msg: &str) -> String {
+    let Some((found, expected)) = msg.split_once(", expected ") else { return msg.to_string() };
+    let found = found
+        .trim_start_matches("invalid type: ")
+        .trim_start_matches("invalid value: ")
+        .trim_start_matches("invalid length ");
+    let expected = match expected.trim() {
+        "usize" | "u64" | "u32" | "u16" | "u8" => "a non-negative integer",
+        "isize" | "i64" | "i32" => "an integer",
+        "f64" | "f32" => "a number",
+        "a boolean" | "bool" => "true or false",
+        "a string" | "path string" | "a path" => "a string",
+        "a sequence" => "a list",
+        other if other.starts_with("an array of length") => other,
+        other if other.starts_with("struct ") => "a table",
+        other => other,
+    };
+    format!("expected {expected}, found {found}")
+}
+
+/// The `[section]` (dotted) in effect at byte `pos`.
+fn section_at(text: &str, pos: usize) -> Option<String> {
+    let mut current = Some(String::new());
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if offset > pos {
+            break;
+        }
+        let t = line.trim();
+        if t.starts_with('[') && !t.starts_with("[[") && offset <= pos {
+            if let Some(end) = t.find(']') {
+                current = Some(t[1..end].trim().replace(['"', ' '], ""));
+            }
+        }
+        offset += line.len();
+    }
+    current
+}
+
+/// The key written at the start of the line holding byte `pos` (`key = ...`).
+fn key_at(text: &str, pos: usize) -> Option<String> {
+    let start = text.get(..pos).unwrap_or(text).rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(start..)?.lines().next()?;
+    let (k, _) = line.split_once('=')?;
+    let k = k.trim().trim_matches('"');
+    (!k.is_empty() && !k.starts_with('[')).then(|| k.to_string())
+}
+
+/// The 1-based line where `section.key` is written, if it can be found.
+fn locate(text: &str, key: &str) -> Option<usize> {
+    let (section, name) = key.rsplit_once('.')?;
+    let mut in_section = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_section = t.trim_matches(['[', ']']).trim() == section;
+            continue;
+        }
+        if in_section {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim().trim_matches('"') == name {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn lookup<'a>(v: &'a toml::Value, path: &[&str]) -> Option<&'a toml::Value> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.as_table()?.get(*p)?;
+    }
+    Some(cur)
+}
+
+fn insert(table: &mut toml::Table, path: &[&str], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for p in parents {
+        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| format!("`{p}` is not a table"))?;
+    }
+    cur.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Parses a `--set` value as the type of the field it sets (`known`: the field's default value).
+fn typed_value(raw: &str, known: Option<&toml::Value>) -> Result<toml::Value, String> {
+    use toml::Value as V;
+    let literal = |s: &str| -> Option<V> {
+        toml::from_str::<toml::Table>(&format!("v = {s}")).ok().and_then(|mut t| t.remove("v"))
+    };
+    let unquote = |s: &str| s.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(s).to_string();
+    Ok(match known {
+        Some(V::String(_)) => V::String(unquote(raw)),
+        Some(V::Integer(_)) => V::Integer(raw.parse().map_err(|_| format!("expected an integer, found `{raw}`"))?),
+        Some(V::Float(_)) => V::Float(raw.parse().map_err(|_| format!("expected a number, found `{raw}`"))?),
+        Some(V::Boolean(_)) => V::Boolean(match raw {
+            "true" | "yes" | "on" | "1" => true,
+            "false" | "no" | "off" | "0" => false,
+            _ => return Err(format!("expected true or false, found `{raw}`")),
+        }),
+        Some(V::Array(items)) => {
+            if raw.starts_with('[') {
+                literal(raw).ok_or_else(|| format!("`{raw}` is not a TOML list"))?
+            } else {
+                let first = items.first();
+                let parts: Result<Vec<V>, String> = raw
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| match first {
+                        Some(f) => typed_value(p, Some(f)),
+                        None => Ok(literal(p).unwrap_or_else(|| V::String(unquote(p)))),
+                    })
+                    .collect();
+                V::Array(parts?)
+            }
+        }
+        Some(V::Table(_)) => {
+            literal(raw).ok_or_else(|| format!("expected an inline table like {{ key = 1 }}, found `{raw}`"))?
+        }
+        _ => literal(raw).unwrap_or_else(|| V::String(unquote(raw))),
+    })
+}
+
+fn absolutize(v: &mut toml::Value, base: &Path) {
+    match v {
+        toml::Value::String(s) => {
+            let p = Path::new(s.as_str());
+            if !s.is_empty() && p.is_relative() {
+                *s = clean_path(&base.join(p)).display().to_string();
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(|i| absolutize(i, base)),
+        _ => {}
+    }
+}
+
+/// Removes `.` and `..` components lexically ("/a/b/../c" -> "/a/c"), so resolved paths read well.
+fn clean_path(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+fn resolve_paths_in(table: &mut toml::Table, base: &Path) {
+    for key in PATH_KEYS {
+        let path: Vec<&str> = key.split('.').collect();
+        let mut cur: Option<&mut toml::Value> = None;
+        for (i, p) in path.iter().enumerate() {
+            cur =
+                if i == 0 { table.get_mut(*p) } else { cur.and_then(|c| c.as_table_mut()).and_then(|t| t.get_mut(*p)) };
+        }
+        if let Some(v) = cur {
+            absolutize(v, base);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+path = "models/tiny"
+
+[lora]
+r = 8
+targets = ["attention", "w1", "w2", "w3"]
+
+[data]
+files = ["data/train.parquet"]
+max_seq_len = 512
+
+[train]
+learning_rate = 3e-4
+max_steps = 100
+"#;
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<Recipe, RecipeError> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Recipe::parse(text, "recipe.toml", Path::new("/base"), Path::new("/cwd"), &o)
+    }
+
+    #[test]
+    fn defaults_paths_and_round_trip() {
+        let r = parse(GOOD, &[]).unwrap();
+        assert_eq!(r.model.path, PathBuf::from("/base/models/tiny"));
+        assert_eq!(r.data.files, vec![PathBuf::from("/base/data/train.parquet")]);
+        assert_eq!(r.tokenizer_path(), PathBuf::from("/base/models/tiny/tokenizer.json"));
+        assert_eq!(r.train.duration(), Duration::Steps(100));
+        assert_eq!(
+            r.lora.target_set(),
+            vec![Target::Q, Target::K, Target::V, Target::O, Target::W1, Target::W2, Target::W3]
+        );
+        assert_eq!(r.quantization.block_size, 64);
+        assert_eq!(r.lora.scale(8, 32.0), 4.0);
+        // The resolved recipe written back parses to the same recipe.
+        let back = parse(&r.to_toml(), &[]).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_suggests() {
+        let text = GOOD.replace("learning_rate = 3e-4", "lerning_rate = 3e-4");
+        let e = parse(&text, &[]).unwrap_err();
+        assert_eq!(e.line, Some(14));
+        assert_eq!(e.key.as_deref(), Some("train.lerning_rate"));
+        assert_eq!(e.suggestion.as_deref(), Some("learning_rate"));
+        assert!(
+            e.to_string()
+                .starts_with("recipe.toml:14: `train.lerning_rate`: unknown key; [train] accepts seed, epochs"),
+            "{e}"
+        );
+        let e = parse(&format!("{GOOD}\n[trian]\nseed = 1\n"), &[]).unwrap_err();
+        assert_eq!(e.suggestion.as_deref(), Some("train"), "{e}");
+        let e = parse(&GOOD.replace("max_seq_len = 512", "max_seq_len = 512\n[data.columns]\nmesages = \"m\""), &[])
+            .unwrap_err();
+        assert_eq!(
+            (e.key.as_deref(), e.suggestion.as_deref()),
+            (Some("data.columns.mesages"), Some("messages")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_key_line_and_expectation() {
+        let e = parse(&GOOD.replace("max_seq_len = 512", "max_seq_len = \"long\""), &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "recipe.toml:11: `data.max_seq_len`: expected a non-negative integer, found string \"long\""
+        );
+        let e = parse(&GOOD.replace("r = 8", "r = -8"), &[]).unwrap_err();
+        assert_eq!(e.to_string(), "recipe.toml:6: `lora.r`: expected a non-negative integer, found integer `-8`");
+        let e = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nschedule = \"cosin\""), &[]).unwrap_err();
+        assert_eq!(e.to_string(), "recipe.toml:16: `train.schedule`: unknown value `cosin`; expected one of constant, linear, cosine (did you mean `cosine`?)");
+    }
+
+    #[test]
+    fn zero_sizes_and_exclusive_settings_name_the_key() {
+        let e = parse(&GOOD.replace("r = 8", "r = 0"), &[]).unwrap_err();
+        assert_eq!(e.to_string(), "recipe.toml:6: `lora.r`: must be at least 1 (got 0)");
+        let e = parse(&GOOD.replace("max_seq_len = 512", "max_seq_len = 0"), &[]).unwrap_err();
+        assert_eq!(e.to_string(), "recipe.toml:11: `data.max_seq_len`: must be at least 1 (got 0)");
+        let e = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nepochs = 2"), &[]).unwrap_err();
+        assert!(e.to_string().contains("`train.max_steps`: set train.epochs or train.max_steps, not both"), "{e}");
+        let e = parse(&GOOD.replace("\"w3\"]", "\"w4\"]"), &[]).unwrap_err();
+        assert!(e.to_string().contains("unknown target `w4` (did you mean `w1`?)"), "{e}");
+    }
+
+    #[test]
+    fn overrides_are_typed_by_the_field() {
+        let r = parse(
+            GOOD,
+            &[
+                "train.learning_rate=1e-5",
+                "lora.r=4",
+                "data.packing=false",
+                "train.schedule=linear",
+                "data.files=a.parquet,b.parquet",
+                "train.betas=0.9,0.95",
+                "train.max_steps=7",
+                "model.path=other",
+            ],
+        )
+        .unwrap();
+        assert_eq!(r.train.learning_rate, 1e-5);
+        assert_eq!(r.lora.r, 4);
+        assert!(!r.data.packing);
+        assert_eq!(r.train.schedule, Schedule::Linear);
+        assert_eq!(r.data.files, vec![PathBuf::from("/cwd/a.parquet"), PathBuf::from("/cwd/b.parquet")]);
+        assert_eq!(r.train.betas, [0.9, 0.95]);
+        assert_eq!(r.train.max_steps, Some(7));
+        assert_eq!(r.model.path, PathBuf::from("/cwd/other"));
+        // An override can supply a key the file lacks.
+        let r = parse(&GOOD.replace("path = \"models/tiny\"", ""), &["model.path=/m"]).unwrap();
+        assert_eq!(r.model.path, PathBuf::from("/m"));
+    }
+
+    #[test]
+    fn bad_overrides_are_refused_with_the_override_named() {
+        let e = parse(GOOD, &["train.lerning_rate=1"]).unwrap_err();
+        assert_eq!(e.origin, "--set train.lerning_rate=1");
+        assert_eq!(e.suggestion.as_deref(), Some("learning_rate"));
+        let e = parse(GOOD, &["lora.r=big"]).unwrap_err();
+        assert_eq!(e.to_string(), "--set lora.r=big: `lora.r`: expected an integer, found `big`");
+        let e = parse(GOOD, &["learning_rate"]).unwrap_err();
+        assert!(e.to_string().contains("expected `section.key=value`"), "{e}");
+        let e = parse(GOOD, &["lora.r=0"]).unwrap_err();
+        assert_eq!(e.to_string(), "--set lora.r=0: `lora.r`: must be at least 1 (got 0)");
+        let e = parse(GOOD, &["data.truncation=chop"]).unwrap_err();
+        assert!(e.to_string().contains("unknown value `chop`; expected one of drop, truncate, error"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_keys() {
+        let e = parse("[data]\nfiles = [\"x\"]\n", &[]).unwrap_err();
+        assert_eq!(e.to_string(), "recipe.toml: `model`: missing required section");
+        let e = parse("[model]\ndtype = \"f32\"\n[data]\nfiles = [\"x\"]\n", &[]).unwrap_err();
+        assert_eq!(e.to_string(), "recipe.toml: `model.path`: missing required key");
+        let e = parse("[model]\npath = \"m\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("data.files"), "{e}");
+        let e = parse("[model\npath = 1", &[]).unwrap_err();
+        assert_eq!(e.line, Some(1), "{e}");
+    }
+}
