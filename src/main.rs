@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a LoRA/QLoRA adapter as a TOML recipe describes (the main job).
+    Train(cmd::train::TrainArgs),
     /// Generate text from a model (greedy or sampled, streamed to stdout).
     Generate(cmd::generate::GenerateArgs),
     /// Score a token sequence under a model: mean token loss and perplexity.
@@ -24,15 +26,19 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     /// Show how a recipe's dataset is encoded: tokens, loss masks, packing, statistics.
     Data(cmd::data::DataArgs),
+    /// Merge LoRA adapters into their base model: a Hugging Face model directory (and optionally GGUF).
+    Merge(cmd::merge::MergeArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => cmd::train::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Data(args) => cmd::data::run(args),
+        Command::Merge(args) => cmd::merge::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -49,6 +49,9 @@ pub fn run(args: DataArgs) -> Result<()> {
 
 fn run_inner(args: DataArgs) -> Result<()> {
     let recipe = Recipe::load(&args.recipe, &args.set)?;
+    if let Some(name) = &recipe.model.builtin {
+        trainer::model::builtin::ensure(name, &recipe.model.path)?;
+    }
     let tok_path = recipe.tokenizer_path();
     let tokenizer =
         tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| {

@@ -11,9 +11,12 @@ use trainer::model::{Checkpoint, ExpertLayout, ModelConfig, ModelTokenizer, Para
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  tramontane inspect ~/models/Mixtral-8x7B-v0.1 --json")]
 pub struct InspectArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a PEFT adapter directory (adapter_config.json).
     #[arg(value_name = "DIR")]
     dir: PathBuf,
+    /// For an adapter: the base model directory to check it against [default: its base_model_name_or_path].
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -29,6 +32,15 @@ fn gib(bytes: f64) -> String {
 
 /// Runs `tramontane inspect`.
 pub fn run(args: InspectArgs) -> Result<()> {
+    if args.dir.join("adapter_config.json").is_file() {
+        let (json, lines) = trainer::lora::peft::describe_adapter(&args.dir, args.model.as_deref())?;
+        if args.json {
+            println!("{json}");
+        } else {
+            lines.iter().for_each(|l| println!("{l}"));
+        }
+        return Ok(());
+    }
     let config = ModelConfig::from_path(&args.dir)?;
     let ckpt = Checkpoint::open(&args.dir)?;
     let counts = ParameterCounts::from_config(&config);
@@ -59,7 +71,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
             "files": ckpt.files.len(), "expert_layout": layout,
             "tokenizer": tokenizer.as_ref().map(|t| serde_json::json!({
                 "vocab_size": t.vocab_size(), "bos_id": t.bos_id, "eos_ids": t.eos_ids,
-                "prompt_format": format!("{:?}", t.prompt_format()).to_lowercase()})),
+                "prompt_format": t.prompt_format().map(|f| f.name().to_string()).unwrap_or_else(|e| e)})),
             "memory_bytes": {"f32": counts.bytes_at(4.0), "bf16": counts.bytes_at(2.0), "nf4": counts.bytes_nf4()},
         });
         println!("{value}");
@@ -104,11 +116,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!("layout       {layout}");
     match &tokenizer {
         Some(t) => println!(
-            "tokenizer    {} tokens, bos {:?}, eos {:?}, prompt format {:?}",
+            "tokenizer    {} tokens, bos {:?}, eos {:?}, prompt format {}",
             t.vocab_size(),
             t.bos_id,
             t.eos_ids,
-            t.prompt_format()
+            t.prompt_format().map(|f| f.name().to_string()).unwrap_or_else(|e| e)
         ),
         None => println!("tokenizer    none usable (tokenizer.json missing or invalid)"),
     }

@@ -4,4 +4,6 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod model_args;
+pub mod train;

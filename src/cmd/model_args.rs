@@ -9,9 +9,13 @@ use trainer::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer
 /// Where the model is and how to load it.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a GGUF file.
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
+    /// PEFT LoRA adapter directory to apply (unmerged), optionally weighted as `DIR:WEIGHT`; repeat to combine
+    /// several (their weighted updates are summed).
+    #[arg(long = "adapter", value_name = "DIR[:WEIGHT]")]
+    pub adapter: Vec<String>,
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
@@ -40,6 +44,15 @@ impl ModelArgs {
     pub fn load(&self, need_tokenizer: bool) -> Result<Loaded> {
         let dtype = parse_dtype(&self.dtype)?;
         let dir = &self.model;
+        if trainer::model::gguf::is_gguf(dir) {
+            let g = trainer::model::gguf::load_gguf(dir, dtype, &candle_core::Device::Cpu)?;
+            if need_tokenizer && g.tokenizer.is_none() {
+                bail!("{}: the GGUF file has no tokenizer.huggingface.json; pass token ids instead", dir.display());
+            }
+            let mut model = g.model;
+            self.apply_adapters(&mut model)?;
+            return Ok(Loaded { model, tokenizer: g.tokenizer });
+        }
         if !dir.is_dir() {
             bail!("{}: not a model directory", dir.display());
         }
@@ -50,8 +63,24 @@ impl ModelArgs {
             None
         };
         let opts = LoadOptions { dtype, ..LoadOptions::default() };
-        let loaded = load_model(dir, &opts)?;
+        let mut loaded = load_model(dir, &opts)?;
+        self.apply_adapters(&mut loaded.model)?;
         Ok(Loaded { model: loaded.model, tokenizer })
+    }
+
+    /// Applies the `--adapter` directories (checked against the model before anything changes).
+    fn apply_adapters(&self, model: &mut Model) -> Result<()> {
+        let mut adapters = Vec::with_capacity(self.adapter.len());
+        for arg in &self.adapter {
+            let (dir, weight) = trainer::lora::peft::parse_adapter_arg(arg)?;
+            let adapter = trainer::lora::peft::load_adapter(&dir, &model.config)
+                .with_context(|| format!("--adapter {}", dir.display()))?;
+            adapters.push((adapter, weight));
+        }
+        if !adapters.is_empty() {
+            trainer::lora::peft::apply_adapters(model, &adapters)?;
+        }
+        Ok(())
     }
 }
 

@@ -72,6 +72,9 @@ pub struct ModelSection {
     /// The tokenizer file; default `<path>/tokenizer.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
+    /// A bundled model (`tiny-mixtral`) generated deterministically at `path` on first use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<String>,
     /// Compute dtype of activations and of unquantized weights. Default `auto` (bf16 on a GPU, f32 on CPU).
     #[serde(default)]
     pub dtype: Dtype,
@@ -234,18 +237,8 @@ impl Target {
     ];
 }
 
-/// What happens to the MoE router (`block_sparse_moe.gate`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RouterMode {
-    /// Not trained (default).
-    #[default]
-    Frozen,
-    /// A LoRA on the router.
-    Lora,
-    /// The router weight itself is trained (and saved in the adapter).
-    Full,
-}
+/// What happens to the MoE router (`block_sparse_moe.gate`): the engine's own type.
+pub use crate::lora::RouterMode;
 
 /// `[lora]`: the adapter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -310,18 +303,8 @@ impl LoraSection {
     }
 }
 
-/// Learning-rate schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    /// Constant at `learning_rate`.
-    Constant,
-    /// Linear decay to `min_lr_ratio * learning_rate`.
-    Linear,
-    /// Cosine decay to `min_lr_ratio * learning_rate` (default).
-    #[default]
-    Cosine,
-}
+/// Learning-rate schedule after warmup (`constant`, `linear`, `cosine`): the engine's own type.
+pub use crate::train::ScheduleKind as Schedule;
 
 /// `[train]`: the optimization.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -639,7 +622,7 @@ impl Recipe {
     /// A recipe with every default and a placeholder model path (used to type `--set` values).
     pub fn template() -> Recipe {
         Recipe {
-            model: ModelSection { path: PathBuf::from("MODEL"), tokenizer: None, dtype: Dtype::Auto },
+            model: ModelSection { path: PathBuf::from("MODEL"), tokenizer: None, builtin: None, dtype: Dtype::Auto },
             quantization: QuantizationSection::default(),
             lora: LoraSection::default(),
             data: DataConfig { files: vec![PathBuf::from("DATA")], ..DataConfig::default() },

@@ -70,7 +70,7 @@ impl Case {
 
 fn setup(case: &Case, model_name: &str, nf4: bool) -> (Model, TrainableParams) {
     let moe = model_name.contains("mixtral");
-    let opts = LoadOptions { nf4: nf4.then_some(Nf4Options { double_quant: true }), ..LoadOptions::default() };
+    let opts = LoadOptions { nf4: nf4.then_some(Nf4Options::qlora()), ..LoadOptions::default() };
     let mut model = load_model(&model_dir(model_name), &opts).unwrap().model;
     let plan = LoraPlan::new(case.settings(moe)).unwrap();
     let params = attach_lora(&mut model, &plan, &LoraInit::Tensors(case.prefixed("adapter."))).unwrap();
@@ -174,6 +174,7 @@ fn check_trajectory(name: &str, model_name: &str, kind: ScheduleKind) {
         base_lr: opt["lr"].as_f64().unwrap(),
         warmup_steps: j["schedule"]["num_warmup_steps"].as_u64().unwrap(),
         total_steps: j["schedule"]["num_training_steps"].as_u64().unwrap(),
+        min_lr_ratio: 0.0,
     };
     let settings = StepSettings {
         aux_coef: j["aux_coef"].as_f64().unwrap_or(0.0),

@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod attach;
 pub mod config;
+pub mod peft;
 
 pub use adapter::{DropoutControl, LoraAdapter};
 pub use attach::{attach_lora, LoraInit, TrainableParams};

@@ -50,10 +50,25 @@ pub struct LoadOptions {
 }
 
 /// NF4 settings (bitsandbytes' defaults: blocks of 64, double quantization of the scales).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nf4Options {
     /// Quantize the block scales too (~0.127 instead of 0.5 bits/parameter of overhead).
     pub double_quant: bool,
+    /// Decoder linears kept dense, by module name (`q_proj`, `gate_proj`, `w1`, ...).
+    pub keep_dense: Vec<String>,
+}
+
+impl Nf4Options {
+    /// bitsandbytes' QLoRA defaults: double quantization, every decoder linear quantized.
+    pub fn qlora() -> Self {
+        Nf4Options { double_quant: true, keep_dense: Vec::new() }
+    }
+
+    /// Whether the weight `name` (e.g. `model.layers.0.self_attn.q_proj.weight`) is quantized.
+    fn quantizes(&self, name: &str) -> bool {
+        let module = name.rsplit('.').nth(1).unwrap_or("");
+        !self.keep_dense.iter().any(|k| k == module)
+    }
 }
 
 impl Default for LoadOptions {
@@ -125,8 +140,8 @@ impl TensorSource<'_> {
         if let Some(w) = self.bnb_nf4(name, out, inp)? {
             return Ok(Linear::frozen(FrozenWeight::nf4(w)?));
         }
-        match (self.opts.nf4, self.opts.trainable) {
-            (Some(nf4), false) => {
+        match (&self.opts.nf4, self.opts.trainable) {
+            (Some(nf4), false) if nf4.quantizes(name) => {
                 let t = self.ckpt.load(name, &[out, inp], DType::F32, &Device::Cpu)?;
                 self.quantized(t, nf4)
             }
@@ -139,7 +154,7 @@ impl TensorSource<'_> {
         Ok(Linear::new(self.tensor(name, &[out, inp])?))
     }
 
-    fn quantized(&self, t: Tensor, nf4: Nf4Options) -> Result<Linear> {
+    fn quantized(&self, t: Tensor, nf4: &Nf4Options) -> Result<Linear> {
         let mut w = Nf4Weight::quantize_tensor(&t, nf4.double_quant)?;
         w.set_dtype(self.opts.dtype);
         Ok(Linear::frozen(FrozenWeight::nf4(w)?))
@@ -178,7 +193,11 @@ impl TensorSource<'_> {
     /// A `[rows, cols]` slice starting at flat element `first` of the tensor `source`, registered
     /// under the hub-layout `name` (one expert of a fused expert tensor).
     fn slice(&mut self, source: &str, name: &str, first: usize, rows: usize, cols: usize) -> Result<Linear> {
-        if let (Some(nf4), false) = (self.opts.nf4, self.opts.trainable) {
+        if let (Some(nf4), false) = (&self.opts.nf4, self.opts.trainable) {
+            if !nf4.quantizes(name) {
+                let t = self.ckpt.load_range(source, first, &[rows, cols], self.opts.dtype, &self.opts.device)?;
+                return Ok(Linear::new(self.finish(name, t)?));
+            }
             let t = self.ckpt.load_range(source, first, &[rows, cols], DType::F32, &Device::Cpu)?;
             return self.quantized(t, nf4);
         }

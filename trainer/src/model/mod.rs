@@ -1,9 +1,11 @@
 //! The Mistral/Mixtral decoder and its loading from Hugging Face checkpoints.
 
 pub mod attention;
+pub mod builtin;
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod gguf;
 pub mod linear;
 pub mod loader;
 pub mod mask;
@@ -20,4 +22,4 @@ pub use config::{Architecture, ModelConfig, MoeConfig};
 pub use decoder::{DecoderOutput, Layout, Model};
 pub use loader::{load_model, ExpertLayout, LoadOptions, LoadedModel, Nf4Options};
 pub use stats::ParameterCounts;
-pub use tokenizer::{ModelTokenizer, PromptFormat};
+pub use tokenizer::ModelTokenizer;

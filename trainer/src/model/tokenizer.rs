@@ -7,15 +7,6 @@ use tokenizers::Tokenizer;
 use super::config::ModelConfig;
 use crate::{Error, Result};
 
-/// The Mistral instruct format a tokenizer calls for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PromptFormat {
-    /// v1: `[INST]` / `[/INST]` are plain text (32000-token vocabularies).
-    V1,
-    /// v3: `[INST]`, `[/INST]`, tool tokens are control tokens (32768-token vocabularies).
-    V3,
-}
-
 /// A tokenizer together with the special ids the engine needs.
 #[derive(Clone)]
 pub struct ModelTokenizer {
@@ -79,14 +70,18 @@ impl ModelTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// The instruct format: v3 when `[INST]` is a single control token, else v1.
-    pub fn prompt_format(&self) -> PromptFormat {
-        let control = self.inner.get_added_tokens_decoder().values().any(|t| t.content == "[INST]" && t.special);
-        if control {
-            PromptFormat::V3
-        } else {
-            PromptFormat::V1
-        }
+    /// The Mistral instruct format this tokenizer calls for (`datasets`' detection: v3 when the
+    /// instruct markers are control tokens, else v1).
+    pub fn prompt_format(&self) -> std::result::Result<datasets::PromptFormat, String> {
+        datasets::PromptFormat::detect(&self.inner).map_err(|e| e.to_string())
+    }
+
+    /// The ids of a single-turn chat prompt (`user`), ready for the assistant's answer, encoded
+    /// exactly as training encodes a conversation's prompt.
+    pub fn encode_chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
+        let encoder = datasets::Encoder::new(&self.inner, datasets::PromptFormatChoice::Auto)
+            .map_err(|e| Error::format(&self.path, e.to_string()))?;
+        encoder.encode_user_prompt(user).map_err(|p| Error::Invalid(format!("cannot encode the chat prompt: {p}")))
     }
 
     /// Encodes text, adding the special tokens the tokenizer's post-processor adds (BOS).
@@ -100,25 +95,5 @@ impl ModelTokenizer {
     /// Decodes ids to text, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| Error::format(&self.path, format!("cannot decode ids: {e}")))
-    }
-
-    /// The ids of a single-turn chat prompt in the tokenizer's instruct format, ready for the
-    /// assistant's answer: v1 `<s>[INST] text [/INST]`, v3 `<s>[INST]text[/INST]`.
-    pub fn encode_chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
-        let mut ids: Vec<u32> = self.bos_id.into_iter().collect();
-        match self.prompt_format() {
-            PromptFormat::V1 => ids.extend(self.encode(&format!("[INST] {user} [/INST]"), false)?),
-            PromptFormat::V3 => {
-                let control = |t: &str| {
-                    self.inner
-                        .token_to_id(t)
-                        .ok_or_else(|| Error::format(&self.path, format!("missing control token {t}")))
-                };
-                ids.push(control("[INST]")?);
-                ids.extend(self.encode(user, false)?);
-                ids.push(control("[/INST]")?);
-            }
-        }
-        Ok(ids)
     }
 }

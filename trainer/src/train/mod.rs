@@ -1,17 +1,22 @@
 //! Training: losses, the checkpointed forward/backward, gradient accumulation and clipping,
-//! AdamW and learning-rate schedules.
+//! AdamW and learning-rate schedules, evaluation, metrics, run checkpoints and the run loop.
 
 pub mod aux_loss;
+pub mod evaluate;
 pub mod grads;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod report;
+pub mod run;
 pub mod run_checkpoint;
 pub mod schedule;
 pub mod step;
 pub mod update;
 
 pub use optim::{AdamW, AdamWConfig};
+pub use report::{JsonReporter, ProgressReporter, QuietReporter, Reporter, RunSummary};
+pub use run::{run_training, RunOptions};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{forward_backward, LossScaling, MicroBatch, MicroBatchOutput};
 pub use update::{optimizer_step, StepReport, StepSettings};

@@ -5,14 +5,15 @@
 use serde::{Deserialize, Serialize};
 
 /// The shape of the schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// Constant after warmup.
     Constant,
-    /// Linear decay to 0 at the last step.
+    /// Linear decay to `min_lr_ratio` at the last step.
     Linear,
-    /// Half-cosine decay to 0 at the last step.
+    /// Half-cosine decay to `min_lr_ratio` at the last step (the default).
+    #[default]
     Cosine,
 }
 
@@ -27,6 +28,8 @@ pub struct Schedule {
     pub warmup_steps: u64,
     /// Total optimizer steps.
     pub total_steps: u64,
+    /// Floor of the decay as a fraction of `base_lr` (0 = Hugging Face's schedules exactly).
+    pub min_lr_ratio: f64,
 }
 
 impl Schedule {
@@ -36,14 +39,15 @@ impl Schedule {
         if s < w {
             return s / w.max(1.0);
         }
-        match self.kind {
-            ScheduleKind::Constant => 1.0,
+        let decay = match self.kind {
+            ScheduleKind::Constant => return 1.0,
             ScheduleKind::Linear => ((total - s) / (total - w).max(1.0)).max(0.0),
             ScheduleKind::Cosine => {
                 let progress = (s - w) / (total - w).max(1.0);
                 (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
             }
-        }
+        };
+        self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay
     }
 
     /// The learning rate of optimizer step `s` (0-based).
@@ -58,7 +62,8 @@ mod tests {
 
     #[test]
     fn hf_lambdas() {
-        let lin = Schedule { kind: ScheduleKind::Linear, base_lr: 1.0, warmup_steps: 3, total_steps: 10 };
+        let lin =
+            Schedule { kind: ScheduleKind::Linear, base_lr: 1.0, warmup_steps: 3, total_steps: 10, min_lr_ratio: 0.0 };
         let got: Vec<f64> = (0..10).map(|s| lin.lambda(s)).collect();
         let want = [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 6.0 / 7.0, 5.0 / 7.0, 4.0 / 7.0, 3.0 / 7.0, 2.0 / 7.0, 1.0 / 7.0];
         for (g, w) in got.iter().zip(want) {
@@ -70,5 +75,7 @@ mod tests {
         assert!((cos.lambda(6) - 0.5 * (1.0 + (std::f64::consts::PI * 3.0 / 7.0).cos())).abs() < 1e-12);
         let c = Schedule { kind: ScheduleKind::Constant, ..lin };
         assert_eq!((c.lambda(1), c.lambda(9)), (1.0 / 3.0, 1.0));
+        let floor = Schedule { min_lr_ratio: 0.1, ..cos };
+        assert!((floor.lambda(10) - 0.1).abs() < 1e-12 && (floor.lambda(3) - 1.0).abs() < 1e-12);
     }
 }
