@@ -28,6 +28,10 @@ enum Command {
     Data(cmd::data::DataArgs),
     /// Merge LoRA adapters into their base model: a Hugging Face model directory (and optionally GGUF).
     Merge(cmd::merge::MergeArgs),
+    /// Serve the model and its adapters over an OpenAI-compatible HTTP API.
+    Serve(cmd::serve::ServeArgs),
+    /// Chat with the model in the terminal (streaming, multi-turn, /reset /system /adapter /params).
+    Chat(cmd::chat::ChatArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +43,8 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Data(args) => cmd::data::run(args),
         Command::Merge(args) => cmd::merge::run(args),
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

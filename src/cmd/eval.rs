@@ -1,8 +1,12 @@
-//! `tramontane eval`: mean token loss and perplexity of a sequence under a model.
+//! `tramontane eval`: mean token loss and perplexity of a sequence or a whole dataset under a model, and
+//! generation quality (exact match, contains, token F1) on a dataset; base and each adapter side by side.
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
-use trainer::model::Layout;
+use trainer::infer::{generate, GenerateRequest, SamplingParams};
+use trainer::model::{Layout, Model, ModelTokenizer};
 use trainer::train::loss::{labelled_nll_sum, ShiftedTargets};
 
 use super::model_args::{parse_ids, ModelArgs};
@@ -10,7 +14,10 @@ use super::model_args::{parse_ids, ModelArgs};
 /// Arguments of `tramontane eval`.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  tramontane eval --model DIR --prompt-ids 1,415,2936,9060 --json\n  \
-tramontane eval --model DIR --text \"The quick brown fox\"")]
+tramontane eval --model DIR --text \"The quick brown fox\"\n  \
+tramontane eval --model DIR --adapter runs/a/adapter --adapter runs/b/adapter --data held_out.jsonl --format chat\n  \
+tramontane eval --model DIR --adapter runs/quickstart/adapter --data datasets/samples/pirate-chat.parquet \
+--held-out 0.1 --generate --json")]
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -20,6 +27,32 @@ pub struct EvalArgs {
     /// The sequence as text (tokenized with BOS).
     #[arg(long, group = "input")]
     text: Option<String>,
+    /// Dataset file(s) in any format the trainer reads (repeatable). With --data every --adapter is evaluated on
+    /// its own, side by side with the base model.
+    #[arg(long = "data", group = "input", value_name = "FILE")]
+    data: Vec<PathBuf>,
+    /// Dataset format: text, instruct, chat, tools or tokens.
+    #[arg(long, default_value = "chat")]
+    format: String,
+    /// Evaluate only the held-out part the trainer would split off with this `data.eval_fraction` (and --seed).
+    #[arg(long, value_name = "FRACTION")]
+    held_out: Option<f64>,
+    /// Seed of the held-out split (the recipe's `train.seed`).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Longest example in tokens (longer ones are dropped, as in training).
+    #[arg(long, default_value_t = 2048)]
+    max_seq_len: usize,
+    /// Evaluate at most this many examples.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Generate (greedy) for each example's prompt and score against its reference answer (the last trained
+    /// span: the final assistant message, or the completion column) with exact match, contains and token F1.
+    #[arg(long)]
+    generate: bool,
+    /// Token budget per generated answer [default: the reference's length + 8].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -27,30 +60,258 @@ pub struct EvalArgs {
 
 /// Runs `tramontane eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
+    if !args.data.is_empty() {
+        return run_dataset(&args);
+    }
     let loaded = args.model.load(args.text.is_some())?;
     let ids = match (&args.prompt_ids, &args.text) {
         (Some(ids), _) => parse_ids(ids)?,
         (_, Some(text)) => loaded.tokenizer.as_ref().context("--text needs tokenizer.json")?.encode(text, true)?,
-        _ => bail!("give --prompt-ids or --text"),
+        _ => bail!("give --prompt-ids, --text or --data"),
     };
     if ids.len() < 2 {
         bail!("the sequence needs at least 2 tokens to score (got {})", ids.len());
     }
-    let model = &loaded.model;
-    let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let targets = ShiftedTargets::new(&labels, 1, model.config.vocab_size, None)?;
-    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &model.device)?;
-    let out = model.forward(&input, Layout::default(), None)?;
-    let nll = labelled_nll_sum(model, &out.hidden, &targets)?.context("nothing to score")?;
-    let loss = nll.to_scalar::<f32>()? as f64 / targets.len() as f64;
+    let (nll, scored) =
+        sequence_nll(&loaded.model, &ids.iter().map(|&i| i as i64).collect::<Vec<_>>())?.context("nothing to score")?;
+    let loss = nll / scored as f64;
     let perplexity = loss.exp();
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"tokens": ids.len(), "scored_tokens": targets.len(), "loss": loss, "perplexity": perplexity})
+            serde_json::json!({"tokens": ids.len(), "scored_tokens": scored, "loss": loss, "perplexity": perplexity})
         );
     } else {
-        println!("tokens: {}  scored: {}  mean loss: {loss:.6}  perplexity: {perplexity:.4}", ids.len(), targets.len());
+        println!("tokens: {}  scored: {scored}  mean loss: {loss:.6}  perplexity: {perplexity:.4}", ids.len());
     }
+    Ok(())
+}
+
+/// Summed NLL and scored-token count of one sequence (`labels`: token ids, -100 where not scored).
+fn sequence_nll(model: &Model, labels: &[i64]) -> Result<Option<(f64, usize)>> {
+    let ids: Vec<u32> = labels.iter().map(|&l| l.max(0) as u32).collect();
+    let targets = ShiftedTargets::new(labels, 1, model.config.vocab_size, None)?;
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &model.device)?;
+    let out = model.forward(&input, Layout::default(), None)?;
+    Ok(labelled_nll_sum(model, &out.hidden, &targets)?
+        .map(|t| t.to_scalar::<f32>().map(|v| (v as f64, targets.len())))
+        .transpose()?)
+}
+
+/// One example: its ids with the trainer's loss mask.
+struct Item {
+    labels: Vec<i64>,
+    /// Prompt: everything before the last trained span.
+    prompt: Vec<u32>,
+    /// The last trained span (the reference answer), EOS dropped.
+    reference: Vec<u32>,
+}
+
+/// Scores of one model over the dataset.
+#[derive(Default)]
+struct Scores {
+    nll: f64,
+    tokens: usize,
+    exact: usize,
+    contains: usize,
+    f1: f64,
+    generated: usize,
+    samples: Vec<serde_json::Value>,
+}
+
+fn run_dataset(args: &EvalArgs) -> Result<()> {
+    let base_args = ModelArgs { model: args.model.model.clone(), adapter: Vec::new(), dtype: args.model.dtype.clone() };
+    let loaded = base_args.load(true)?;
+    let tokenizer = loaded.tokenizer.context("--data needs tokenizer.json")?;
+    let format: datasets::Format = serde_json::from_value(serde_json::json!(args.format))
+        .map_err(|_| anyhow::anyhow!("--format `{}`: expected text, instruct, chat, tools or tokens", args.format))?;
+    let config = datasets::DataConfig {
+        files: args.data.clone(),
+        format,
+        max_seq_len: args.max_seq_len,
+        eval_fraction: args.held_out.unwrap_or(0.0),
+        ..datasets::DataConfig::default()
+    };
+    let encoder = datasets::Encoder::new(&tokenizer.inner, config.prompt_format).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let data = datasets::load(&config, &encoder, args.seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dataset = if args.held_out.is_some() { data.eval.context("no held-out examples")? } else { data.train };
+    let eos = tokenizer.eos_ids.clone();
+    let items: Vec<Item> = dataset
+        .iter()
+        .take(args.limit.unwrap_or(usize::MAX))
+        .filter_map(|e| {
+            let labels = e.labels();
+            let last_end = e.loss_mask.iter().rposition(|&m| m)? + 1;
+            let last_start = e.loss_mask[..last_end].iter().rposition(|&m| !m)? + 1;
+            let mut reference = e.input_ids[last_start..last_end].to_vec();
+            while reference.last().is_some_and(|id| eos.contains(id)) {
+                reference.pop();
+            }
+            Some(Item { labels, prompt: e.input_ids[..last_start].to_vec(), reference })
+        })
+        .collect();
+    if items.is_empty() {
+        bail!("no example has trained tokens to score");
+    }
+
+    let base = loaded.model;
+    let mut models: Vec<(String, Model)> = Vec::new();
+    for arg in &args.model.adapter {
+        let (dir, weight) = trainer::lora::peft::parse_adapter_arg(arg)?;
+        let adapter = trainer::lora::peft::load_adapter(&dir, &base.config)
+            .with_context(|| format!("--adapter {}", dir.display()))?;
+        let mut model = base.clone();
+        trainer::lora::peft::apply_adapters(&mut model, &[(adapter, weight)])?;
+        models.push((arg.clone(), model));
+    }
+    models.insert(0, ("base".to_string(), base));
+
+    let total = models.len() * items.len();
+    let bar = (!args.json && total > 20).then(|| indicatif_bar(total as u64));
+    let mut results = Vec::new();
+    for (name, model) in &models {
+        let mut s = Scores::default();
+        for item in &items {
+            if let Some((nll, n)) = sequence_nll(model, &item.labels)? {
+                s.nll += nll;
+                s.tokens += n;
+            }
+            if args.generate {
+                score_generation(model, &tokenizer, item, args.max_new_tokens, &mut s)?;
+            }
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        }
+        results.push((name.clone(), s));
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    report(args, &items, &results)
+}
+
+fn indicatif_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} examples {eta}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn score_generation(
+    model: &Model,
+    tokenizer: &ModelTokenizer,
+    item: &Item,
+    max_new_tokens: Option<usize>,
+    s: &mut Scores,
+) -> Result<()> {
+    let reference = tokenizer.decode(&item.reference)?.trim().to_string();
+    let request = GenerateRequest {
+        prompt_ids: item.prompt.clone(),
+        max_new_tokens: max_new_tokens.unwrap_or(item.reference.len() + 8),
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        seed: 0,
+        eos_ids: tokenizer.eos_ids.clone(),
+        stop_strings: Vec::new(),
+    };
+    let generation = generate(model, Some(tokenizer), &request, &mut |_| {})?;
+    let output = generation.text.trim().to_string();
+    let exact = normalize(&output) == normalize(&reference);
+    let contains = !reference.is_empty() && normalize(&output).contains(&normalize(&reference));
+    let f1 = token_f1(&output, &reference);
+    s.exact += usize::from(exact);
+    s.contains += usize::from(contains);
+    s.f1 += f1;
+    s.generated += 1;
+    if s.samples.len() < 5 {
+        s.samples.push(serde_json::json!({"prompt": tokenizer.decode(&item.prompt)?, "reference": reference,
+            "output": output, "f1": f1}));
+    }
+    Ok(())
+}
+
+/// Lower-cased words with punctuation stripped (SQuAD-style normalization).
+fn words(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| w.chars().filter(|c| c.is_alphanumeric()).collect::<String>().to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+fn normalize(text: &str) -> String {
+    words(text).join(" ")
+}
+
+/// Token-level F1 between `output` and `reference` words (bag of words, as SQuAD scores it).
+fn token_f1(output: &str, reference: &str) -> f64 {
+    let (o, r) = (words(output), words(reference));
+    if o.is_empty() || r.is_empty() {
+        return f64::from(u8::from(o.is_empty() && r.is_empty()));
+    }
+    let mut remaining = r.clone();
+    let mut common = 0usize;
+    for w in &o {
+        if let Some(i) = remaining.iter().position(|x| x == w) {
+            remaining.swap_remove(i);
+            common += 1;
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let precision = common as f64 / o.len() as f64;
+    let recall = common as f64 / r.len() as f64;
+    2.0 * precision * recall / (precision + recall)
+}
+
+fn report(args: &EvalArgs, items: &[Item], results: &[(String, Scores)]) -> Result<()> {
+    let rows: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(name, s)| {
+            let loss = s.nll / s.tokens.max(1) as f64;
+            let mut v = serde_json::json!({"model": name, "examples": items.len(), "scored_tokens": s.tokens,
+                "loss": loss, "perplexity": loss.exp()});
+            if args.generate {
+                let n = s.generated.max(1) as f64;
+                v["exact_match"] = serde_json::json!(s.exact as f64 / n);
+                v["contains"] = serde_json::json!(s.contains as f64 / n);
+                v["token_f1"] = serde_json::json!(s.f1 / n);
+                v["samples"] = serde_json::json!(s.samples);
+            }
+            v
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::json!({"examples": items.len(), "generate": args.generate, "results": rows}));
+        return Ok(());
+    }
+    let width = results.iter().map(|(n, _)| n.len()).max().unwrap_or(4).max(5);
+    print!("{:width$}  {:>9}  {:>11}", "model", "loss", "perplexity");
+    if args.generate {
+        print!("  {:>7}  {:>8}  {:>8}", "exact", "contains", "token_f1");
+    }
+    println!();
+    for row in &rows {
+        print!(
+            "{:width$}  {:>9.4}  {:>11.3}",
+            row["model"].as_str().unwrap_or(""),
+            row["loss"].as_f64().unwrap_or(f64::NAN),
+            row["perplexity"].as_f64().unwrap_or(f64::NAN)
+        );
+        if args.generate {
+            print!(
+                "  {:>7.3}  {:>8.3}  {:>8.3}",
+                row["exact_match"].as_f64().unwrap_or(0.0),
+                row["contains"].as_f64().unwrap_or(0.0),
+                row["token_f1"].as_f64().unwrap_or(0.0)
+            );
+        }
+        println!();
+    }
+    println!("({} examples)", items.len());
     Ok(())
 }
