@@ -18,12 +18,11 @@ use std::sync::Arc;
 use adapters::merge::BaseWeights;
 use adapters::{Adapter, BaseShape, ExpertLayout, ExpertProj, LoraSpec, MlpProj, Proj, RouterTraining, Site};
 use candle_core::{DType, Device, Tensor, Var};
-use safetensors::Dtype;
 
 use super::adapter::{DropoutControl, LoraAdapter};
 use super::attach::TrainableParams;
 use super::config::{LoraSettings, RouterMode};
-use crate::model::checkpoint::{Checkpoint, DiskDType};
+use crate::model::checkpoint::Checkpoint;
 use crate::model::decoder::FeedForward;
 use crate::model::linear::Linear;
 use crate::model::{Model, ModelConfig};
@@ -250,17 +249,6 @@ pub struct CheckpointWeights {
     nf4: HashSet<String>,
 }
 
-fn st_dtype(d: DiskDType) -> Dtype {
-    match d {
-        DiskDType::F32 => Dtype::F32,
-        DiskDType::BF16 => Dtype::BF16,
-        DiskDType::F16 => Dtype::F16,
-        DiskDType::U8 => Dtype::U8,
-        DiskDType::I64 => Dtype::I64,
-        DiskDType::I32 => Dtype::I32,
-    }
-}
-
 impl CheckpointWeights {
     /// Opens the safetensors of a model directory (headers only).
     pub fn open(dir: &Path) -> Result<Self> {
@@ -276,7 +264,7 @@ impl CheckpointWeights {
                 return Ok(None);
             }
             let (bytes, info) = self.ckpt.load_raw(full)?;
-            Ok(Some(RawTensor { dtype: st_dtype(info.dtype), shape: info.shape.clone(), data: bytes.into() }))
+            Ok(Some(RawTensor { dtype: info.dtype.to_safetensors(), shape: info.shape.clone(), data: bytes.into() }))
         })?;
         Ok(Nf4Weight::from_bnb_parts(&parts, name, &path)?.dequantize())
     }

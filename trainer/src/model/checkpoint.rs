@@ -52,6 +52,18 @@ impl DiskDType {
         }
     }
 
+    /// The `safetensors` crate's dtype.
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            DiskDType::F32 => safetensors::Dtype::F32,
+            DiskDType::BF16 => safetensors::Dtype::BF16,
+            DiskDType::F16 => safetensors::Dtype::F16,
+            DiskDType::U8 => safetensors::Dtype::U8,
+            DiskDType::I64 => safetensors::Dtype::I64,
+            DiskDType::I32 => safetensors::Dtype::I32,
+        }
+    }
+
     /// The safetensors spelling (`F32`, `BF16`, ...).
     pub fn name(self) -> &'static str {
         match self {

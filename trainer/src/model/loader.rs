@@ -12,7 +12,6 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::attention::Attention;
 use super::checkpoint::Checkpoint;
-use super::checkpoint::DiskDType;
 use super::config::{Architecture, ModelConfig};
 use super::decoder::{DecoderLayer, FeedForward, Model};
 use super::linear::Linear;
@@ -22,18 +21,6 @@ use super::norm::RmsNorm;
 use crate::quant::bnb_format::QUANT_STATE_SUFFIX;
 use crate::quant::{BnbParts, FrozenWeight, Nf4Weight, RawTensor};
 use crate::{Error, Result};
-use safetensors::Dtype;
-
-fn safetensors_dtype(d: DiskDType) -> Dtype {
-    match d {
-        DiskDType::F32 => Dtype::F32,
-        DiskDType::BF16 => Dtype::BF16,
-        DiskDType::F16 => Dtype::F16,
-        DiskDType::U8 => Dtype::U8,
-        DiskDType::I64 => Dtype::I64,
-        DiskDType::I32 => Dtype::I32,
-    }
-}
 
 /// How a model is loaded.
 #[derive(Debug, Clone)]
@@ -167,11 +154,11 @@ impl TensorSource<'_> {
         }
         let path = self.ckpt.info(name)?;
         let path = self.ckpt.files[path.file].clone();
-        let mut raw: Vec<(String, Vec<u8>, Dtype, Vec<usize>)> = Vec::new();
+        let mut raw: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = Vec::new();
         for (n, info) in self.ckpt.tensors() {
             if n == name || n.strip_prefix(name).is_some_and(|rest| rest.starts_with('.')) {
                 let (bytes, _) = self.ckpt.load_raw(n)?;
-                raw.push((n.clone(), bytes, safetensors_dtype(info.dtype), info.shape.clone()));
+                raw.push((n.clone(), bytes, info.dtype.to_safetensors(), info.shape.clone()));
             }
         }
         let parts = BnbParts::collect(name, &path, |full| {
