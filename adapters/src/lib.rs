@@ -11,6 +11,8 @@
 //! This crate does not depend on the trainer: the base model's dimensions come in as plain numbers, and base
 //! weights through the [`merge::BaseWeights`] trait.
 
+#![warn(missing_docs)]
+
 pub mod adapter;
 pub mod config;
 pub mod error;

@@ -1,6 +1,8 @@
 //! The tramontane engine: a trainable Mistral/Mixtral decoder in candle, loading of Hugging Face
 //! checkpoints, NF4 quantization, LoRA, the training loop and the inference path.
 
+#![warn(missing_docs)]
+
 pub mod error;
 pub mod infer;
 pub mod lora;
