@@ -9,7 +9,9 @@
 //! frozen linear, forward and input-gradient backward, dense and NF4, against candle's plain matmul
 //! that also computes the weight gradient), `mistral-7b-2layer` (Mistral-7B-shaped model with 2 layers
 //! loaded in NF4, one QLoRA training step at 512 tokens: peak RSS against the NF4 model plus
-//! activations, and the NF4 bits per parameter of the linear weights).
+//! activations, and the NF4 bits per parameter of the linear weights), `train` (the peer's shapes:
+//! Mistral- and Mixtral-shaped, hidden 512, intermediate 1536, 4 layers, 8/2 heads, vocab 32000,
+//! batch 4 x 256, LoRA r=8 on all linears, with and without checkpointing, f32 and NF4 bases).
 
 use std::time::Instant;
 
@@ -249,6 +251,99 @@ fn mistral_7b_2layer_case() {
     }
 }
 
+/// Training tokens/s at the reference peer's shapes (see ../shared/notes/performance.md).
+fn training_cases() {
+    use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
+    use trainer::model::Nf4Options;
+    use trainer::train::{optimizer_step, AdamW, AdamWConfig, MicroBatch, Schedule, ScheduleKind, StepSettings};
+    for moe in [false, true] {
+        let mut json = serde_json::json!({
+            "model_type": if moe { "mixtral" } else { "mistral" }, "vocab_size": 32000, "hidden_size": 512,
+            "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2
+        });
+        if moe {
+            json["num_local_experts"] = 4.into();
+            json["num_experts_per_tok"] = 2.into();
+        }
+        let config = ModelConfig::from_json_str(&json.to_string()).expect("config");
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_random_model(dir.path(), &config, 3, 0.02).expect("write model");
+        let counts = ParameterCounts::from_config(&config);
+        let (b, t) = (4usize, 256usize);
+        let targets: Vec<String> = if moe {
+            ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"].map(String::from).to_vec()
+        } else {
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()
+        };
+        for nf4 in [false, true] {
+            for checkpointing in [false, true] {
+                trainer::system::reset_peak_rss();
+                let opts = LoadOptions { nf4: nf4.then(Nf4Options::qlora), ..LoadOptions::default() };
+                let mut model = load_model(dir.path(), &opts).expect("load").model;
+                let settings = LoraSettings { r: 8, alpha: 16.0, targets: targets.clone(), ..LoraSettings::default() };
+                let params =
+                    attach_lora(&mut model, &LoraPlan::new(settings).expect("plan"), &LoraInit::Seed(0)).expect("lora");
+                let sizes: Vec<usize> = params.named.iter().map(|(_, v)| v.elem_count()).collect();
+                let mut adamw = AdamW::new(AdamWConfig::default(), &sizes);
+                let schedule = Schedule {
+                    kind: ScheduleKind::Constant,
+                    base_lr: 1e-4,
+                    warmup_steps: 0,
+                    total_steps: 10,
+                    min_lr_ratio: 0.0,
+                };
+                let settings = StepSettings { aux_coef: 0.02, max_grad_norm: 1.0, checkpointing };
+                let ids: Vec<u32> = (0..(b * t) as u32).map(|i| 3 + (i * 7919) % 31000).collect();
+                let mb = MicroBatch {
+                    batch: b,
+                    seq_len: t,
+                    input_ids: ids.clone(),
+                    labels: ids.iter().map(|&i| i as i64).collect(),
+                    positions: None,
+                    documents: None,
+                    valid: None,
+                };
+                let mut times = Vec::new();
+                for step in 0..4u64 {
+                    let start = Instant::now();
+                    optimizer_step(
+                        step,
+                        &model,
+                        &params,
+                        &mut adamw,
+                        &schedule,
+                        std::slice::from_ref(&mb),
+                        &settings,
+                        step,
+                    )
+                    .expect("step");
+                    if step > 0 {
+                        times.push(start.elapsed().as_secs_f64());
+                    }
+                }
+                times.sort_by(f64::total_cmp);
+                let secs = times[times.len() / 2];
+                let tokens = (b * t) as f64;
+                // Frozen matmul parameters a token touches: forward 2N, input gradient 2N, recompute 2N.
+                let n =
+                    (counts.active_per_token - counts.other) as f64 + (config.vocab_size * config.hidden_size) as f64;
+                let attention = 2.0 * (config.num_layers * config.hidden_size * t) as f64;
+                let per_token = (if checkpointing { 3.0 } else { 2.0 }) * (2.0 * n + attention);
+                println!(
+                    "train     {}-shaped {} {:7} | {:.0} tok/s | {:.1} GFLOP/s | peak RSS {}",
+                    if moe { "mixtral" } else { "mistral" },
+                    if nf4 { "nf4 " } else { "f32 " },
+                    if checkpointing { "ckpt" } else { "no-ckpt" },
+                    tokens / secs,
+                    tokens * per_token / secs / 1e9,
+                    gib(peak_rss_bytes())
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
@@ -261,6 +356,9 @@ fn main() {
     }
     if run("frozen-linear") {
         frozen_linear_case();
+    }
+    if run("train") {
+        training_cases();
     }
     if run("mistral-7b-2layer") {
         mistral_7b_2layer_case();
