@@ -20,9 +20,9 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Generate text from a model (greedy or sampled, streamed to stdout).
     Generate(cmd::generate::GenerateArgs),
-    /// Score a token sequence under a model: mean token loss and perplexity.
+    /// Evaluate a model and its adapters: loss/perplexity over a dataset or a sequence, or generated answers.
     Eval(cmd::eval::EvalArgs),
-    /// Describe a model directory: architecture, parameters, dtypes, layout, memory.
+    /// Describe a model directory (architecture, parameters, layout, memory) or an adapter directory.
     Inspect(cmd::inspect::InspectArgs),
     /// Show how a recipe's dataset is encoded: tokens, loss masks, packing, statistics.
     Data(cmd::data::DataArgs),
