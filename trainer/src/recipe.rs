@@ -292,15 +292,6 @@ impl LoraSection {
         v.dedup();
         v
     }
-
-    /// The scale `alpha / r` (or `alpha / sqrt(r)` with rsLoRA) for rank `r`.
-    pub fn scale(&self, r: usize, alpha: f64) -> f64 {
-        if self.use_rslora {
-            alpha / (r as f64).sqrt()
-        } else {
-            alpha / r as f64
-        }
-    }
 }
 
 /// Learning-rate schedule after warmup (`constant`, `linear`, `cosine`): the engine's own type.
@@ -1039,7 +1030,6 @@ max_steps = 100
             vec![Target::Q, Target::K, Target::V, Target::O, Target::W1, Target::W2, Target::W3]
         );
         assert_eq!(r.quantization.block_size, 64);
-        assert_eq!(r.lora.scale(8, 32.0), 4.0);
         // The resolved recipe written back parses to the same recipe.
         let back = parse(&r.to_toml(), &[]).unwrap();
         assert_eq!(back, r);

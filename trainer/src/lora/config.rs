@@ -85,7 +85,7 @@ fn compile<T: Copy>(patterns: &BTreeMap<String, T>, field: &str) -> Result<Vec<(
     patterns
         .iter()
         .map(|(key, v)| {
-            regex::Regex::new(&format!(r"^(.*\.)?({key})$"))
+            adapters::config::pattern_regex(key)
                 .map(|re| (re, *v))
                 .map_err(|e| format!("lora.{field}: key `{key}` is not a valid regular expression: {e}"))
         })
@@ -131,7 +131,7 @@ impl LoraPlan {
         let r = self.rank_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.settings.r, |(_, r)| *r);
         let alpha =
             self.alpha_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.settings.alpha, |(_, a)| *a);
-        let scale = if self.settings.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        let scale = adapters::adapter::lora_scale(r, alpha, self.settings.use_rslora);
         ModuleLora { r, alpha, scale }
     }
 }

@@ -10,7 +10,7 @@ use crate::quant::FrozenWeight;
 
 /// The base weight of a linear layer.
 #[derive(Debug, Clone)]
-pub enum LinearBase {
+enum LinearBase {
     /// A frozen weight: gradients reach the input only.
     Frozen(FrozenWeight),
     /// A trainable `[out, in]` weight (a `Var`'s tensor).
@@ -42,11 +42,6 @@ impl Linear {
     /// A layer over a frozen weight (dense or NF4).
     pub fn frozen(weight: FrozenWeight) -> Self {
         Linear { base: LinearBase::Frozen(weight), lora: None }
-    }
-
-    /// The base weight.
-    pub fn base(&self) -> &LinearBase {
-        &self.base
     }
 
     /// The base weight as a dense tensor (NF4 dequantized to f32).

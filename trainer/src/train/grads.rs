@@ -26,11 +26,6 @@ pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     Ok(sum.sqrt())
 }
 
-/// Whether every gradient value is finite.
-pub fn all_finite(grads: &[Option<Tensor>]) -> Result<bool> {
-    Ok(global_norm(grads)?.is_finite())
-}
-
 /// Clips to `max_norm` (no-op when `max_norm <= 0`); returns the norm before clipping.
 pub fn clip_global_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let norm = global_norm(grads)?;
