@@ -99,6 +99,7 @@ fn the_aux_loss_gradient_reaches_the_router_only_when_on() {
     mb.labels.iter_mut().for_each(|l| *l = -100);
     let on = LossScaling { label_tokens: 1, aux_coef: 0.02, aux_weight: 1.0 };
     let out = forward_backward(&model, &params, &mb, &on, true).unwrap();
+    let aux_on = out.aux.unwrap();
     let router_grads = params.named.iter().zip(&out.grads).filter(|((n, _), _)| n.contains(".gate.lora_"));
     for ((name, _), g) in router_grads {
         assert!(max_abs(g.as_ref().unwrap()) > 0.0, "`{name}`: the aux loss alone must move the router");
@@ -106,6 +107,8 @@ fn the_aux_loss_gradient_reaches_the_router_only_when_on() {
     let off = LossScaling { aux_coef: 0.0, ..on };
     let out = forward_backward(&model, &params, &mb, &off, true).unwrap();
     assert!(out.grads.iter().all(|g| g.is_none()), "no labels and no aux: nothing to learn");
+    // The aux loss is still reported, from the router logits the forward kept.
+    assert!((out.aux.unwrap() - aux_on).abs() <= 1e-6 * aux_on, "aux {:?} vs {aux_on}", out.aux);
     assert_eq!(out.expert_load.len(), 2);
     for load in &out.expert_load {
         assert!((load.iter().sum::<f32>() - 1.0).abs() < 1e-5);

@@ -130,14 +130,12 @@ pub fn forward_backward(
             None => None,
         };
         let mut aux = 0.0;
-        for (layer, input) in model.layers.iter().zip(&inputs).rev() {
+        for (l, (layer, input)) in model.layers.iter().zip(&inputs).enumerate().rev() {
             let with_aux = stats.is_some() && aux_scale != 0.0;
             if g.is_none() && !with_aux {
-                if stats.is_some() {
-                    let out = layer.forward(input, &ctx, None)?;
-                    if let (Some(stats), Some(logits)) = (&stats, &out.router_logits) {
-                        aux += stats.layer_term(logits, valid_rows.as_ref())?.to_scalar::<f32>()? as f64;
-                    }
+                // Nothing to back-propagate: report the aux share from the logits the forward kept.
+                if let (Some(stats), Some(logits)) = (&stats, router_logits.get(l)) {
+                    aux += stats.layer_term(logits, valid_rows.as_ref())?.to_scalar::<f32>()? as f64;
                 }
                 continue;
             }
