@@ -239,3 +239,25 @@ fn tokenizer_that_does_not_fit_the_model_is_a_clean_error() {
         "tokenizer has 1000 tokens but the model's config.json has vocab_size 500",
     );
 }
+
+#[test]
+fn stop_strings_cut_the_text_before_them() {
+    let model = fixture("tiny-mistral");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", model.to_str().unwrap(), "--prompt", "Hello world"];
+        args.extend(["--max-new-tokens", "24", "--temperature", "0", "--ignore-eos", "--json"]);
+        args.extend(extra);
+        let out = tramontane(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()
+    };
+    let full = run(&[]);
+    let text = full["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 8, "need some text to cut: {text:?}");
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = run(&["--stop", &stop]);
+    assert_eq!(cut["stop_reason"], "stop_string");
+    assert_eq!(cut["text"].as_str().unwrap(), &text[..text.find(&stop).unwrap()]);
+    assert!(cut["generated_ids"].as_array().unwrap().len() < full["generated_ids"].as_array().unwrap().len());
+}

@@ -257,3 +257,18 @@ fn the_quickstart_learns_its_behaviour() {
     let base = greedy_chat(&model, None, "What color is the sky?");
     assert!(!base.contains("matey"), "the base model alone must not know the pattern: {base}");
 }
+
+#[test]
+fn keep_unquantized_is_checked_not_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = base_args(tmp.path(), 1, 0);
+    args.extend(["--set".into(), "quantization.keep_unquantized=[\"lm_head\"]".into()]);
+    let out = run(&args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("quantization.keep_unquantized must list `router`"), "{err}");
+    let mut args = base_args(tmp.path(), 1, 0);
+    args.extend(["--set".into(), "quantization.keep_unquantized=[\"lm_head\", \"router\", \"attention\"]".into()]);
+    let out = run(&args);
+    assert!(out.status.success(), "keeping attention dense is allowed: {}", stderr(&out));
+}

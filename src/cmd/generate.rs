@@ -9,9 +9,11 @@ use super::model_args::{parse_ids, ModelArgs};
 
 /// Arguments of `tramontane generate`.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  tramontane generate --model runs/tiny-mixtral --prompt \"Once upon a time\"\n  \
+#[command(
+    after_help = "Examples:\n  tramontane generate --model runs/models/tiny-mixtral --prompt \"Once upon a time\"\n  \
 tramontane generate --model DIR --chat \"What is the capital of France?\" --temperature 0.7 --top-p 0.9 --seed 1\n  \
-tramontane generate --model DIR --prompt-ids 1,415,2936 --max-new-tokens 16 --json")]
+tramontane generate --model DIR --prompt-ids 1,415,2936 --max-new-tokens 16 --json"
+)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,

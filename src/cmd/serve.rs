@@ -30,7 +30,7 @@ use super::model_args::ModelArgs;
 
 /// Arguments of `tramontane serve`.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  tramontane serve --model runs/tiny-mixtral\n  \
+#[command(after_help = "Examples:\n  tramontane serve --model runs/models/tiny-mixtral\n  \
 tramontane serve --model DIR --adapter sql=runs/sql/adapter --adapter chat=runs/chat/adapter --port 8080 --api-key s3cret")]
 pub struct ServeArgs {
     /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or a GGUF file.
