@@ -35,6 +35,21 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
+/// Dequantizes `w` tile by tile (blocks of rows) into one scratch buffer and hands each tile
+/// `(first row, end row, values [rows, cols])` to `f`: no full f32 copy of the weight exists at once.
+fn for_each_tile(w: &Nf4Weight, mut f: impl FnMut(usize, usize, &[f32]) -> crate::Result<()>) -> crate::Result<()> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let tile = tile_rows(w);
+    let mut scratch = vec![0f32; tile * cols];
+    for r0 in (0..rows).step_by(tile) {
+        let r1 = (r0 + tile).min(rows);
+        let t = &mut scratch[..(r1 - r0) * cols];
+        w.dequantize_rows(r0..r1, t)?;
+        f(r0, r1, t)?;
+    }
+    Ok(())
+}
+
 /// `y [m, rows] = x [m, cols] W^T`, all row-major. Errors when the slices do not match the sizes.
 pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
@@ -48,12 +63,7 @@ pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::
     if m == 0 {
         return Ok(());
     }
-    let tile = tile_rows(w);
-    let mut scratch = vec![0f32; tile * cols];
-    for r0 in (0..rows).step_by(tile) {
-        let r1 = (r0 + tile).min(rows);
-        let t = &mut scratch[..(r1 - r0) * cols];
-        w.dequantize_rows(r0..r1, t)?;
+    for_each_tile(w, |r0, r1, t| {
         // SAFETY: dst covers columns r0..r1 of the m rows of `y` (row stride `rows`), lhs is `x` [m, cols]
         // row-major, rhs is the tile read as its transpose [cols, r1 - r0] (column stride `cols`); all
         // three are in bounds by the length checks above, and `y` does not alias `x` or the tile.
@@ -80,8 +90,8 @@ pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::
                 parallelism(),
             );
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `dx [m, cols] = g [m, rows] W`, all row-major: the tiles' products are accumulated into `dx`.
@@ -97,12 +107,7 @@ pub fn input_grad_cpu(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32]) -> cra
     if m == 0 {
         return Ok(());
     }
-    let tile = tile_rows(w);
-    let mut scratch = vec![0f32; tile * cols];
-    for r0 in (0..rows).step_by(tile) {
-        let r1 = (r0 + tile).min(rows);
-        let t = &mut scratch[..(r1 - r0) * cols];
-        w.dequantize_rows(r0..r1, t)?;
+    for_each_tile(w, |r0, r1, t| {
         // SAFETY: dst is `dx` [m, cols] row-major (read and accumulated after the first tile), lhs is
         // columns r0..r1 of `g` (row stride `rows`), rhs is the tile [r1 - r0, cols] row-major; in bounds
         // by the length checks above, and `dx` aliases neither input.
@@ -129,8 +134,8 @@ pub fn input_grad_cpu(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32]) -> cra
                 parallelism(),
             );
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The NF4 products as a candle op (no backward: gradients are handled by the frozen-linear bridge).
