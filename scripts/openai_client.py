@@ -6,10 +6,13 @@
     python scripts/openai_client.py --base-url http://127.0.0.1:8080/v1 --adapter pirate [--api-key KEY]
 
 Lists the models, runs a completion, a chat completion and a streamed chat completion, on the base and on the
-adapter (switching per request), and checks that a bad request comes back as an OpenAI error.
+adapter (switching per request), several streamed requests at once (the server decodes them in one batch), and
+checks that a bad request comes back as an OpenAI error. With `--tools` it also offers a tool: a model with a v3
+tokenizer may answer with `tool_calls`; a v1 tokenizer refuses tools with a 400.
 """
 import argparse
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 from openai import OpenAI
@@ -21,6 +24,8 @@ def main() -> int:
     p.add_argument("--api-key", default="unused")
     p.add_argument("--adapter", default="pirate", help="an adapter name the server was started with")
     p.add_argument("--question", default="What color is the sky?")
+    p.add_argument("--concurrent", type=int, default=8, help="streamed requests sent at once")
+    p.add_argument("--tools", action="store_true", help="also send a chat completion with a `get_weather` tool")
     args = p.parse_args()
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)
 
@@ -52,6 +57,30 @@ def main() -> int:
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
     print(f"stream [{args.adapter}]:", repr("".join(pieces)))
+
+    def streamed(i: int) -> str:
+        model = (base, args.adapter)[i % 2]
+        chunks = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": args.question}], max_tokens=16, temperature=0, stream=True
+        )
+        return model + ": " + "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(args.concurrent) as pool:
+        for line in pool.map(streamed, range(args.concurrent)):
+            print("concurrent", repr(line))
+
+    if args.tools:
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+        try:
+            r = client.chat.completions.create(
+                model=base, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=tools, max_tokens=64,
+                temperature=0,
+            )
+            choice = r.choices[0]
+            print("tools ->", choice.finish_reason, choice.message.tool_calls or repr(choice.message.content))
+        except openai.BadRequestError as e:
+            print("tools refused (v1 tokenizer?) ->", e.status_code, e.body)
 
     try:
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])

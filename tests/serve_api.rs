@@ -1,18 +1,16 @@
 //! `tramontane serve` end to end over loopback: the OpenAI endpoints, per-request adapters equal to
-//! `generate --adapter`, OpenAI-style 4xx errors, the API key, and a bounded 64-client streaming load test.
+//! `generate --adapter`, OpenAI-style 4xx errors, the API key, and a bounded 64-client streaming load test (whose
+//! answers, decoded in shared batches, must equal each adapter's answer alone).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+mod serve_common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tramontane")
-}
+use serve_common::{bin, http, metrics, post, streamed_text, Reply, Server};
 
 /// The bundled model and three adapters (checkpoints of one short quickstart run), made once per test binary.
 struct Fixture {
@@ -53,111 +51,15 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-/// A running server, killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(extra: &[&str]) -> Server {
     let fx = fixture();
-    let mut cmd = Command::new(bin());
-    cmd.args(["serve", "--model"]).arg(&fx.model).args(["--base-name", "base", "--port", "0"]);
+    let mut args: Vec<String> = vec!["--base-name".into(), "base".into()];
     for (name, dir) in &fx.adapters {
-        cmd.arg("--adapter").arg(format!("{name}={}", dir.display()));
+        args.push("--adapter".into());
+        args.push(format!("{name}={}", dir.display()));
     }
-    cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::inherit());
-    let mut child = cmd.spawn().expect("server starts");
-    let mut stdout = child.stdout.take().unwrap();
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    let line = String::from_utf8(line).unwrap();
-    assert!(line.starts_with("listening on http://127.0.0.1:"), "unexpected banner: {line}");
-    let port = line.rsplit(':').next().unwrap().trim().parse().unwrap();
-    Server { child, port }
-}
-
-/// A response: status and body (chunked encoding undone).
-struct Reply {
-    status: u16,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
-/// A minimal HTTP/1.1 client: one request per connection.
-fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    // A server may answer (413) before reading the whole body and close: ignore write errors then.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {text}"));
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
-    Reply { status, body }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
-}
-
-fn post(port: u16, path: &str, body: &Value) -> Reply {
-    http(port, "POST", path, &[], body.to_string().as_bytes())
-}
-
-/// The `data:` payloads of an SSE body.
-fn sse_events(body: &str) -> Vec<String> {
-    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
-}
-
-/// Concatenated text of a streamed chat or completion, checking the stream ends with `[DONE]`.
-fn streamed_text(body: &str) -> String {
-    let events = sse_events(body);
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
-    let mut text = String::new();
-    for e in &events[..events.len() - 1] {
-        let v: Value = serde_json::from_str(e).unwrap();
-        assert!(v.get("error").is_none(), "{e}");
-        let choice = &v["choices"][0];
-        text.push_str(choice["delta"]["content"].as_str().or(choice["text"].as_str()).unwrap_or(""));
-    }
-    text
+    args.extend(extra.iter().map(|s| s.to_string()));
+    serve_common::start(&fx.model, &args)
 }
 
 /// `generate`'s greedy output: the `--json` text, and the streamed stdout (they differ only where a byte-fallback
@@ -279,29 +181,19 @@ fn bad_requests_are_openai_errors() {
     assert_eq!(http(port, "POST", "/v1/chat/completions", &auth, ok.to_string().as_bytes()).status, 200);
 }
 
-#[test]
-fn load_test_64_streaming_clients_across_3_adapters() {
-    let fx = fixture();
-    let server = start(&[]);
-    let port = server.port;
-    let question = "Tell me the color of the grass.";
-    let max = 8;
-    let expected: Vec<(String, String)> = fx
-        .adapters
-        .iter()
-        .map(|(name, _)| {
-            let reply = post(port, "/v1/chat/completions", &chat_body(name, question, max, true));
-            (name.clone(), streamed_text(&reply.body))
-        })
-        .collect();
+/// 64 concurrent streaming clients spread over `adapters`, each answer checked; prints requests/s, p50/p99 latency
+/// and the mean decode batch; returns the decode steps and the sequences they advanced.
+fn load(port: u16, adapters: &[(String, String)], question: &str, max: usize, label: &str) -> (f64, f64) {
     let clients = 64;
+    let before = metrics(port);
     let start_all = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|i| {
-            let (name, want) = expected[i % expected.len()].clone();
+            let (name, want) = adapters[i % adapters.len()].clone();
+            let question = question.to_string();
             std::thread::spawn(move || {
                 let t = Instant::now();
-                let reply = post(port, "/v1/chat/completions", &chat_body(&name, question, max, true));
+                let reply = post(port, "/v1/chat/completions", &chat_body(&name, &question, max, true));
                 assert_eq!(reply.status, 200, "{}", reply.body);
                 assert_eq!(streamed_text(&reply.body), want, "client {i} on {name}");
                 t.elapsed()
@@ -310,18 +202,51 @@ fn load_test_64_streaming_clients_across_3_adapters() {
         .collect();
     let mut latencies: Vec<Duration> = handles.into_iter().map(|h| h.join().expect("client ok")).collect();
     let wall = start_all.elapsed();
+    let after = metrics(port);
+    let delta = |name: &str| after[name] - before[name];
+    let (steps, rows) = (delta("tramontane_decode_steps_total"), delta("tramontane_decode_step_sequences_total"));
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1];
     println!(
-        "load test: {clients} streaming clients over {} adapters, {max} tokens each: {:.1} requests/s, \
-         p50 {:.0} ms, p99 {:.0} ms, wall {:.2} s",
-        expected.len(),
+        "load test ({label}): {clients} streaming clients over {} adapters, {max} tokens each: {:.1} requests/s, \
+         p50 {:.0} ms, p99 {:.0} ms, wall {:.2} s; {steps} decode steps, mean batch {:.1}",
+        adapters.len(),
         clients as f64 / wall.as_secs_f64(),
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
-        wall.as_secs_f64()
+        wall.as_secs_f64(),
+        rows / steps.max(1.0),
     );
     assert!(wall < Duration::from_secs(240), "the load test is bounded");
+    assert_eq!(after["tramontane_requests_cancelled_total"], 0.0);
+    let first_tokens = delta("tramontane_time_to_first_token_seconds_count");
+    assert_eq!(first_tokens, clients as f64, "every request produced a first token");
+    (steps, rows)
+}
+
+#[test]
+fn load_test_64_streaming_clients_across_3_adapters() {
+    let fx = fixture();
+    let question = "Tell me the color of the grass.";
+    let max = 8;
+    // Unbatched (one sequence at a time, FIFO) for comparison, then continuous batching.
+    let mut expected = Vec::new();
+    for (label, args) in [("one at a time", &["--max-batch-size", "1"][..]), ("batched", &[][..])] {
+        let server = start(args);
+        if expected.is_empty() {
+            for (name, _) in &fx.adapters {
+                let reply = post(server.port, "/v1/chat/completions", &chat_body(name, question, max, true));
+                expected.push((name.clone(), streamed_text(&reply.body)));
+            }
+        }
+        let (steps, rows) = load(server.port, &expected, question, max, label);
+        if args.is_empty() {
+            // The clients' sequences shared decode steps (not one forward per token).
+            assert!(rows > 2.0 * steps, "{rows} sequences in {steps} steps");
+        } else {
+            assert_eq!(rows, steps, "--max-batch-size 1 decodes one sequence per step");
+        }
+    }
 }
 
 #[test]
