@@ -1,8 +1,8 @@
-//! The speed benchmark suite: `cargo bench --bench speed [-- CASE...]`.
+//! The speed benchmark suite: `cargo bench --bench speed [-- CASE...] [--no-peer] [--peer-steps=N]`.
 //!
 //! Each case builds a random model at the stated dimensions (deterministic, written to a temp
 //! directory), runs it in release mode, and prints tokens/s, GFLOP/s (counted as in
-//! ../shared/notes/performance.md) and the process's peak RSS.
+//! ../shared/notes/performance.md) and the peak RSS of that case.
 //!
 //! Cases: `generate` (prefill and decode, Mistral-shaped, hidden 1024, 8 layers), `nf4` (NF4
 //! quantize/dequantize of a 4096x14336 weight), `frozen-linear` (512 tokens through a 4096x4096
@@ -12,16 +12,115 @@
 //! activations, and the NF4 bits per parameter of the linear weights), `train` (the peer's shapes:
 //! Mistral- and Mixtral-shaped, hidden 512, intermediate 1536, 4 layers, 8/2 heads, vocab 32000,
 //! batch 4 x 256, LoRA r=8 on all linears, with and without checkpointing, f32 and NF4 bases).
+//!
+//! The reference peer (transformers + PEFT + bitsandbytes on PyTorch, benches/peer.py) runs the same
+//! cases in the same invocation, right after each of ours, with as many threads as we use; each case then
+//! prints ours vs peer and the ratio ours/peer, and the suite ends with a Markdown summary table. The
+//! peer's Python is `$TRAMONTANE_PEER_PYTHON` (default `python3`); it is used when it imports torch,
+//! transformers, peft and bitsandbytes. `--no-peer` or `TRAMONTANE_PEER=0` skips it; `--peer-steps=N`
+//! sets its timed training steps (default 5, after 1 warm-up).
 
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
+use serde_json::{json, Value};
 use trainer::infer::Rng;
 use trainer::infer::{generate, GenerateRequest, KvCache, SamplingParams};
 use trainer::model::synthetic::write_random_model;
 use trainer::model::{load_model, Layout, LoadOptions, ModelConfig, ParameterCounts};
 use trainer::quant::{FrozenWeight, Nf4Weight};
 use trainer::system::peak_rss_bytes;
+
+/// One measurement: ours, and (filled in by [`Peer::compare`]) the peer's same measurement.
+struct Row {
+    /// Row name in the printed comparison and the summary table.
+    name: String,
+    /// Unit of `ours` and `peer`; higher is better.
+    unit: &'static str,
+    ours: f64,
+    /// Our achieved GFLOP/s, where the work is counted.
+    gflops: Option<f64>,
+    /// Our peak RSS during this case.
+    ours_rss: Option<u64>,
+    /// Key/value pairs that pick the peer's JSON record for this measurement.
+    peer_key: Vec<(String, Value)>,
+    /// The peer record's field comparable with `ours`, and its peak-RSS field.
+    peer_field: String,
+    peer_rss_field: String,
+    peer: Option<f64>,
+    peer_rss: Option<u64>,
+}
+
+impl Row {
+    fn new(name: impl Into<String>, unit: &'static str, ours: f64, peer_key: &[(&str, Value)]) -> Row {
+        Row {
+            name: name.into(),
+            unit,
+            ours,
+            gflops: None,
+            ours_rss: None,
+            peer_key: peer_key.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            peer_field: "tokens_per_s".into(),
+            peer_rss_field: "peak_rss_bytes".into(),
+            peer: None,
+            peer_rss: None,
+        }
+    }
+
+    fn gflops(mut self, gflops: f64) -> Row {
+        self.gflops = Some(gflops);
+        self
+    }
+
+    fn rss(mut self, rss: Option<u64>) -> Row {
+        self.ours_rss = rss;
+        self
+    }
+
+    fn peer_fields(mut self, value: &str, rss: &str) -> Row {
+        self.peer_field = value.into();
+        self.peer_rss_field = rss.into();
+        self
+    }
+
+    fn matches(&self, record: &Value) -> bool {
+        self.peer_key.iter().all(|(k, v)| record.get(k) == Some(v))
+    }
+
+    /// Our side of the row, as one line of JSON (a case's process hands its rows to the suite's).
+    fn to_json(&self) -> String {
+        json!({
+            "name": self.name, "unit": self.unit, "ours": self.ours, "gflops": self.gflops, "ours_rss": self.ours_rss,
+            "peer_key": self.peer_key.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+            "peer_field": self.peer_field, "peer_rss_field": self.peer_rss_field,
+        })
+        .to_string()
+    }
+
+    fn from_json(text: &str) -> Option<Row> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        let unit = ["tok/s", "Gparam/s", "GFLOP/s"].into_iter().find(|u| v["unit"] == *u)?;
+        let peer_key = v["peer_key"]
+            .as_array()?
+            .iter()
+            .map(|kv| Some((kv[0].as_str()?.to_string(), kv[1].clone())))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Row {
+            name: v["name"].as_str()?.into(),
+            unit,
+            ours: v["ours"].as_f64()?,
+            gflops: v["gflops"].as_f64(),
+            ours_rss: v["ours_rss"].as_u64(),
+            peer_key,
+            peer_field: v["peer_field"].as_str()?.into(),
+            peer_rss_field: v["peer_rss_field"].as_str()?.into(),
+            peer: None,
+            peer_rss: None,
+        })
+    }
+}
 
 fn mistral_shaped(hidden: usize, layers: usize, heads: usize, kv_heads: usize, intermediate: usize) -> ModelConfig {
     let text = serde_json::json!({
@@ -39,7 +138,7 @@ fn gib(bytes: Option<u64>) -> String {
 }
 
 /// Prefill and decode tokens/s of a Mistral-shaped model (hidden 1024, 8 layers).
-fn generate_case() {
+fn generate_case() -> Vec<Row> {
     let config = mistral_shaped(1024, 8, 8, 2, 3584);
     let dir = tempfile::tempdir().expect("temp dir");
     write_random_model(dir.path(), &config, 0, 0.02).expect("write model");
@@ -64,6 +163,7 @@ fn generate_case() {
     let decode = out.decode_tokens_per_second();
     // Forward FLOPs per token: 2 * (parameters touched, without the embedding) + attention.
     let per_token = 2.0 * (counts.total - (config.vocab_size * config.hidden_size) as u64) as f64;
+    let rss = peak_rss_bytes();
     println!(
         "generate  mistral-shaped h1024 L8 ({:.0}M params) | prompt {} | prefill {:.1} tok/s ({:.1} GFLOP/s) | decode {:.1} tok/s ({:.1} GFLOP/s) | {} new tokens in {:.2}s | peak RSS {}",
         counts.total as f64 / 1e6,
@@ -74,8 +174,19 @@ fn generate_case() {
         decode * per_token / 1e9,
         out.ids.len(),
         total,
-        gib(peak_rss_bytes())
+        gib(rss)
     );
+    let key = [("case", json!("generate"))];
+    vec![
+        Row::new("generate prefill (256-token prompt)", "tok/s", prefill, &key)
+            .gflops(prefill * per_token / 1e9)
+            .rss(rss)
+            .peer_fields("prefill_tokens_per_s", "peak_rss_bytes"),
+        Row::new("generate decode (64 new tokens)", "tok/s", decode, &key)
+            .gflops(decode * per_token / 1e9)
+            .rss(rss)
+            .peer_fields("decode_tokens_per_s", "peak_rss_bytes"),
+    ]
 }
 
 fn random(seed: u64, n: usize, std: f32) -> Vec<f32> {
@@ -95,9 +206,10 @@ fn best_of(runs: usize, f: &mut dyn FnMut()) -> f64 {
 }
 
 /// NF4 quantize and dequantize speed at Mistral-7B's MLP shape.
-fn nf4_case() {
+fn nf4_case() -> Vec<Row> {
     let (rows, cols) = (4096usize, 14336usize);
     let input = random(9, rows * cols, 0.02);
+    let mut out_rows = Vec::new();
     for double_quant in [false, true] {
         let secs = best_of(3, &mut || {
             std::hint::black_box(Nf4Weight::quantize(&input, &[rows, cols], double_quant).expect("quantize"));
@@ -107,21 +219,42 @@ fn nf4_case() {
             secs * 1e3,
             (rows * cols) as f64 / secs / 1e9
         );
+        out_rows.push(
+            Row::new(
+                format!("nf4 quantize 4096x14336 double_quant={double_quant}"),
+                "Gparam/s",
+                (rows * cols) as f64 / secs / 1e9,
+                &[("case", json!("nf4")), ("op", json!("quantize")), ("double_quant", json!(double_quant))],
+            )
+            .peer_fields("gparam_per_s", "peak_rss_bytes"),
+        );
     }
     let w = Nf4Weight::quantize(&input, &[rows, cols], true).expect("quantize");
     let mut out = vec![0f32; rows * cols];
     let secs = best_of(3, &mut || w.dequantize_rows(0..rows, &mut out).expect("dequantize"));
+    let rss = peak_rss_bytes();
     println!(
         "nf4       dequantize {rows}x{cols}: {:.1} ms ({:.2} Gparam/s); {:.4} bits/param | peak RSS {}",
         secs * 1e3,
         (rows * cols) as f64 / secs / 1e9,
         w.bits_per_param(),
-        gib(peak_rss_bytes())
+        gib(rss)
     );
+    out_rows.push(
+        Row::new(
+            "nf4 dequantize 4096x14336",
+            "Gparam/s",
+            (rows * cols) as f64 / secs / 1e9,
+            &[("case", json!("nf4")), ("op", json!("dequantize"))],
+        )
+        .rss(rss)
+        .peer_fields("gparam_per_s", "peak_rss_bytes"),
+    );
+    out_rows
 }
 
 /// The frozen linear (no weight gradient) against candle's matmul (which computes one).
-fn frozen_linear_case() {
+fn frozen_linear_case() -> Vec<Row> {
     let (m, n, k) = (512usize, 4096usize, 4096usize);
     let wv = random(20, n * k, 0.02);
     let dense = Tensor::from_vec(wv.clone(), (n, k), &Device::Cpu).expect("tensor");
@@ -129,6 +262,7 @@ fn frozen_linear_case() {
     let x = Var::from_tensor(&Tensor::from_vec(random(21, m * k, 1.0), (m, k), &Device::Cpu).expect("x")).expect("var");
     let c = Tensor::from_vec(random(22, m * n, 1.0), (m, n), &Device::Cpu).expect("c");
     let gflop = 2.0 * (m * n * k) as f64 / 1e9;
+    let mut rows = Vec::new();
     for (label, fw) in
         [("dense", FrozenWeight::dense(&dense).expect("dense")), ("nf4", FrozenWeight::nf4(q).expect("nf4"))]
     {
@@ -146,20 +280,45 @@ fn frozen_linear_case() {
             (both - fwd) * 1e3,
             gflop / (both - fwd).max(1e-9)
         );
+        let key = [("case", json!("frozen-linear")), ("kind", json!(label))];
+        for (dir, secs, field) in
+            [("forward", fwd, "forward_gflops"), ("input-gradient backward", both - fwd, "backward_gflops")]
+        {
+            let rate = gflop / secs.max(1e-9);
+            rows.push(
+                Row::new(format!("frozen-linear {label} {dir}"), "GFLOP/s", rate, &key)
+                    .gflops(rate)
+                    .peer_fields(field, "peak_rss_bytes"),
+            );
+        }
     }
     let plain = best_of(3, &mut || {
         let y = x.as_tensor().matmul(&dense.t().expect("t")).expect("matmul");
         std::hint::black_box((y * &c).and_then(|t| t.sum_all()).and_then(|t| t.backward()).expect("backward"));
     });
+    let rss = peak_rss_bytes();
     println!(
         "frozen    candle matmul forward+backward (computes dW too): {:.1} ms | peak RSS {}",
         plain * 1e3,
-        gib(peak_rss_bytes())
+        gib(rss)
     );
+    // Forward, input gradient and weight gradient: three matmuls of the same size.
+    rows.push(
+        Row::new(
+            "frozen-linear plain matmul forward+backward (with dW)",
+            "GFLOP/s",
+            3.0 * gflop / plain,
+            &[("case", json!("frozen-linear")), ("kind", json!("plain"))],
+        )
+        .gflops(3.0 * gflop / plain)
+        .rss(rss)
+        .peer_fields("gflops", "peak_rss_bytes"),
+    );
+    rows
 }
 
 /// One QLoRA step on a Mistral-7B-shaped model cut to 2 layers.
-fn mistral_7b_2layer_case() {
+fn mistral_7b_2layer_case() -> Vec<Row> {
     use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
     use trainer::model::{LoadedModel, Nf4Options};
     use trainer::train::{forward_backward, LossScaling, MicroBatch};
@@ -207,9 +366,8 @@ fn mistral_7b_2layer_case() {
     let out = forward_backward(&model, &params, &mb, &scaling, true).expect("step");
     let step_secs = t.elapsed().as_secs_f64();
     let peak = peak_rss_bytes();
-    // 6N per token with checkpointing (frozen base: forward, recompute, input gradient) + lm_head 4x.
-    let flops = 6.0 * counts.decoder_linear as f64 * tokens as f64
-        + 4.0 * (config.vocab_size * config.hidden_size) as f64 * tokens as f64;
+    // Counted as in the training cases: 6N with checkpointing, lm_head 4x, attention, LoRA.
+    let flops = lora_step_flops_per_token(&config, tokens, 8, true) * tokens as f64;
     let nf4_model = linear_bytes as f64 + other_bytes;
     // What the step itself needed on top of the loaded model and adapters (activations, gradients,
     // saved layer inputs, logits at labelled positions).
@@ -249,13 +407,25 @@ fn mistral_7b_2layer_case() {
             if (p as f64) < budget { "met" } else { "NOT met" }
         );
     }
+    // The peer reports its step's peak the same way (reset after loading), falling back to the process peak.
+    vec![Row::new(
+        "mistral-7b-2layer NF4 QLoRA step, 512 tokens, ckpt",
+        "tok/s",
+        tokens as f64 / step_secs,
+        &[("case", json!("mistral-7b-2layer"))],
+    )
+    .gflops(flops / step_secs / 1e9)
+    .rss(if phase_reset { peak } else { None })
+    .peer_fields("tokens_per_s", "step_peak_rss_bytes")]
 }
 
 /// Training tokens/s at the reference peer's shapes (see ../shared/notes/performance.md).
-fn training_cases() {
+fn training_cases() -> Vec<Row> {
+    use trainer::kernels::MatmulPrecision;
     use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
     use trainer::model::Nf4Options;
     use trainer::train::{optimizer_step, AdamW, AdamWConfig, MicroBatch, Schedule, ScheduleKind, StepSettings};
+    let mut rows = Vec::new();
     for moe in [false, true] {
         let mut json = serde_json::json!({
             "model_type": if moe { "mixtral" } else { "mistral" }, "vocab_size": 32000, "hidden_size": 512,
@@ -269,15 +439,19 @@ fn training_cases() {
         let config = ModelConfig::from_json_str(&json.to_string()).expect("config");
         let dir = tempfile::tempdir().expect("temp dir");
         write_random_model(dir.path(), &config, 3, 0.02).expect("write model");
-        let counts = ParameterCounts::from_config(&config);
         let (b, t) = (4usize, 256usize);
         let targets: Vec<String> = if moe {
             ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"].map(String::from).to_vec()
         } else {
             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()
         };
-        for nf4 in [false, true] {
-            for checkpointing in [false, true] {
+        // f32 products with and without checkpointing, then bf16 products (matmul precision "medium")
+        // with checkpointing, each on an f32 and an NF4 base.
+        let variants =
+            [(false, MatmulPrecision::Highest), (true, MatmulPrecision::Highest), (true, MatmulPrecision::Medium)];
+        for (checkpointing, precision) in variants {
+            for nf4 in [false, true] {
+                trainer::kernels::set_matmul_precision(precision);
                 trainer::system::reset_peak_rss();
                 let opts = LoadOptions { nf4: nf4.then(Nf4Options::qlora), ..LoadOptions::default() };
                 let mut model = load_model(dir.path(), &opts).expect("load").model;
@@ -325,44 +499,296 @@ fn training_cases() {
                 times.sort_by(f64::total_cmp);
                 let secs = times[times.len() / 2];
                 let tokens = (b * t) as f64;
-                // Frozen matmul parameters a token touches: forward 2N, input gradient 2N, recompute 2N.
-                let n =
-                    (counts.active_per_token - counts.other) as f64 + (config.vocab_size * config.hidden_size) as f64;
-                let attention = 2.0 * (config.num_layers * config.hidden_size * t) as f64;
-                let per_token = (if checkpointing { 3.0 } else { 2.0 }) * (2.0 * n + attention);
-                println!(
-                    "train     {}-shaped {} {:7} | {:.0} tok/s | {:.1} GFLOP/s | peak RSS {}",
+                let per_token = lora_step_flops_per_token(&config, t, 8, checkpointing);
+                let rss = peak_rss_bytes();
+                let (model_name, base, ckpt) = (
                     if moe { "mixtral" } else { "mistral" },
-                    if nf4 { "nf4 " } else { "f32 " },
-                    if checkpointing { "ckpt" } else { "no-ckpt" },
+                    if nf4 { "nf4" } else { "f32" },
+                    match (checkpointing, precision) {
+                        (false, _) => "no-ckpt",
+                        (true, MatmulPrecision::Highest) => "ckpt",
+                        (true, MatmulPrecision::Medium) => "ckpt bf16-matmul",
+                    },
+                );
+                println!(
+                    "train     {model_name}-shaped {base:4} {ckpt:16} | {:.0} tok/s | {:.1} GFLOP/s | peak RSS {}",
                     tokens / secs,
                     tokens * per_token / secs / 1e9,
-                    gib(peak_rss_bytes())
+                    gib(rss)
+                );
+                rows.push(
+                    Row::new(
+                        format!("train {model_name} {base} {ckpt}"),
+                        "tok/s",
+                        tokens / secs,
+                        &[
+                            ("case", json!("train")),
+                            ("model", json!(model_name)),
+                            ("base", json!(base)),
+                            ("ckpt", json!(checkpointing)),
+                        ],
+                    )
+                    .gflops(tokens * per_token / secs / 1e9)
+                    .rss(rss),
                 );
             }
         }
     }
+    rows
+}
+
+/// FLOPs per token of one LoRA training step (forward, backward, optimizer) on a frozen base, counted as
+/// in ../shared/notes/performance.md, so that GFLOP/s = tokens/s x this / 1e9 is the useful work done:
+/// - frozen decoder matmuls, N = attention projections + the experts a token visits (top-k of E; the router
+///   too, it is a matmul): forward 2N, input gradient 2N (no weight gradient: the base is frozen), and with
+///   checkpointing the per-layer recompute 2N: 4N without, 6N with;
+/// - lm_head (vocab x hidden): forward + input gradient, 4 x vocab x hidden; outside the checkpointed layers,
+///   so never recomputed. Counted for every token, although the last position of a sequence carries no label
+///   (we skip its logits): 1/seq_len too generous;
+/// - attention (QK^T and the weighted sum of V, causal, so a token sees seq_len/2 keys on average):
+///   forward 4 x layers x (heads x head_dim) x seq_len/2; the backward needs gradients for both operands of
+///   both products (all activations, nothing frozen), 2x the forward; recompute 1x: 3x forward without
+///   checkpointing, 4x with;
+/// - LoRA, P = r x (in + out) per adapted linear a token passes (all seven projections; visited experts
+///   only): forward 2P, backward 4P (input and weight gradients), recompute 2P: 6P without, 8P with.
+///
+/// Not counted (no matmuls, or negligible): the embedding gather, norms, RoPE, activations, softmax and loss,
+/// gradient clipping and AdamW. The bench's tokens are the batch's input tokens (batch x seq_len).
+fn lora_step_flops_per_token(config: &ModelConfig, seq_len: usize, rank: usize, checkpointing: bool) -> f64 {
+    let (h, i) = (config.hidden_size as f64, config.intermediate_size as f64);
+    let q = (config.num_heads * config.head_dim) as f64;
+    let kv = (config.num_kv_heads * config.head_dim) as f64;
+    let (experts_visited, router) = match &config.moe {
+        Some(m) => (m.experts_per_token as f64, (m.num_experts as f64) * h),
+        None => (1.0, 0.0),
+    };
+    let layers = config.num_layers as f64;
+    let attention_params = 2.0 * h * q + 2.0 * h * kv;
+    let n = layers * (attention_params + experts_visited * 3.0 * h * i + router);
+    let lm_head = config.vocab_size as f64 * h;
+    let attention_fwd = 4.0 * layers * q * seq_len as f64 / 2.0;
+    let r = rank as f64;
+    let lora = layers * r * ((h + q) * 2.0 + (h + kv) * 2.0 + experts_visited * 3.0 * (h + i));
+    let (frozen, attn, lora_x) = if checkpointing { (6.0, 4.0, 8.0) } else { (4.0, 3.0, 6.0) };
+    frozen * n + 4.0 * lm_head + attn * attention_fwd + lora_x * lora
+}
+
+/// The reference peer: benches/peer.py under a Python with torch, transformers, peft and bitsandbytes.
+struct Peer {
+    python: String,
+    script: PathBuf,
+    extra_args: Vec<String>,
+}
+
+/// What the peer needs, for the message when it is missing.
+const PEER_PACKAGES: &str = "torch transformers peft bitsandbytes";
+
+impl Peer {
+    /// The peer, unless skipped (`--no-peer`, `TRAMONTANE_PEER=0`) or not installed; says which.
+    fn detect(args: &[String]) -> Option<Peer> {
+        if args.iter().any(|a| a == "--no-peer") || std::env::var("TRAMONTANE_PEER").is_ok_and(|v| v == "0") {
+            println!("peer      skipped (--no-peer or TRAMONTANE_PEER=0)");
+            return None;
+        }
+        let python = std::env::var("TRAMONTANE_PEER_PYTHON").unwrap_or_else(|_| "python3".into());
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches").join("peer.py");
+        let ok = Command::new(&python)
+            .args(["-c", "import torch, transformers, peft, bitsandbytes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            println!(
+                "peer      not available: `{python}` cannot import {PEER_PACKAGES}; to compare with the reference \
+                 peer, `pip install {PEER_PACKAGES}` (measured with torch 2.15, transformers 5.23, peft 0.21.2, \
+                 bitsandbytes 0.50.2) and set TRAMONTANE_PEER_PYTHON to that python"
+            );
+            return None;
+        }
+        // The same thread count as ours (rayon uses every core).
+        let mut extra_args = vec![format!("--threads={}", rayon_threads())];
+        extra_args.extend(args.iter().filter_map(|a| a.strip_prefix("--peer-steps=")).map(|n| format!("--steps={n}")));
+        println!("peer      {python} {} ({} threads)", script.display(), rayon_threads());
+        Some(Peer { python, script, extra_args })
+    }
+
+    /// Runs the peer's `case` and fills in the peer's numbers of `rows`, printing ours vs peer.
+    fn compare(&self, case: &str, rows: &mut [Row]) {
+        let start = Instant::now();
+        let output =
+            Command::new(&self.python).arg(&self.script).arg(case).args(&self.extra_args).stdin(Stdio::null()).output();
+        let output = match output {
+            Ok(o) => o,
+            Err(e) => {
+                println!("vs peer   {case}: could not run the peer: {e}");
+                return;
+            }
+        };
+        let records: Vec<Value> =
+            String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+            println!("vs peer   {case}: the peer failed ({}); its last stderr lines:", output.status);
+            for line in tail.iter().rev() {
+                println!("          {line}");
+            }
+        }
+        for row in rows.iter_mut() {
+            let Some(record) = records.iter().find(|r| row.matches(r)) else {
+                println!("vs peer   {}: no peer result", row.name);
+                continue;
+            };
+            row.peer = record.get(&row.peer_field).and_then(Value::as_f64);
+            row.peer_rss = record.get(&row.peer_rss_field).and_then(Value::as_u64);
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "n/a".into(),
+            };
+            let mut line = format!(
+                "vs peer   {}: ours {} vs peer {} {}: ours/peer {}",
+                row.name,
+                num(row.ours),
+                row.peer.map_or("n/a".into(), num),
+                row.unit,
+                ratio(Some(row.ours), row.peer)
+            );
+            if row.ours_rss.is_some() || row.peer_rss.is_some() {
+                line += &format!(
+                    " | peak RSS ours {} vs peer {}: ours/peer {}",
+                    gib(row.ours_rss),
+                    gib(row.peer_rss),
+                    ratio(row.ours_rss.map(|b| b as f64), row.peer_rss.map(|b| b as f64))
+                );
+            }
+            println!("{line}");
+        }
+        println!("vs peer   ({case}: the peer took {:.0}s)", start.elapsed().as_secs_f64());
+    }
+}
+
+/// A number with about three significant digits.
+fn num(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// The summary in Markdown, ready for the README. Ratio is ours/peer (above 1: we are faster).
+fn print_summary(rows: &[Row]) {
+    let cell = |x: Option<f64>, unit: &str| match x {
+        Some(v) if unit == "tok/s" => num(v),
+        Some(v) => format!("{} {unit}", num(v)),
+        None => "–".into(),
+    };
+    let mem = |b: Option<u64>| b.map_or("–".into(), |_| gib(b));
+    println!();
+    println!("| case | ours tok/s | peer tok/s | ratio | ours GFLOP/s | ours peak RSS | peer peak RSS |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for r in rows {
+        let ratio = match r.peer {
+            Some(p) if p > 0.0 => format!("{:.2}x", r.ours / p),
+            _ => "–".into(),
+        };
+        println!(
+            "| {} | {} | {} | {ratio} | {} | {} | {} |",
+            r.name,
+            cell(Some(r.ours), r.unit),
+            cell(r.peer, r.unit),
+            r.gflops.map_or("–".into(), |g| format!("{g:.1}")),
+            mem(r.ours_rss),
+            mem(r.peer_rss)
+        );
+    }
+}
+
+/// Our side of one case, in this process.
+fn run_case(case: &str) -> Vec<Row> {
+    match case {
+        "generate" => generate_case(),
+        "nf4" => nf4_case(),
+        "frozen-linear" => frozen_linear_case(),
+        "train" => training_cases(),
+        _ => mistral_7b_2layer_case(),
+    }
+}
+
+/// Marks the lines a case's process uses to hand its rows back.
+const ROW_LINE: &str = "speed-row\t";
+
+/// Our side of one case in a fresh process of this benchmark (`CASE --case-process`), so that its peak RSS
+/// is its own: memory an earlier case freed stays resident in the allocator and would count again. Its
+/// output passes through; runs the case here when the process cannot be started.
+fn run_case_process(case: &str) -> Vec<Row> {
+    use std::io::BufRead;
+    let child = std::env::current_exe().and_then(|exe| {
+        Command::new(exe).args([case, "--case-process"]).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()
+    });
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            println!("(could not start a process for {case}: {e}; running it in this one)");
+            return run_case(case);
+        }
+    };
+    let mut rows = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            match line.strip_prefix(ROW_LINE) {
+                Some(row) => rows.extend(Row::from_json(row)),
+                None => println!("{line}"),
+            }
+        }
+    }
+    match child.wait() {
+        Ok(status) if status.success() => {}
+        status => println!("{case} failed: {status:?}"),
+    }
+    rows
 }
 
 fn main() {
-    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let run = |name: &str| wanted.is_empty() || wanted.iter().any(|w| w == name);
-    println!("tramontane speed suite ({} threads)", rayon_threads());
-    if run("generate") {
-        generate_case();
+    // What the tramontane binary does at startup (allocator and thread settings).
+    trainer::system::tune_process();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let wanted: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let cases = ["generate", "nf4", "frozen-linear", "train", "mistral-7b-2layer"];
+    if let Some(unknown) = wanted.iter().find(|w| !cases.contains(&w.as_str())) {
+        eprintln!("unknown case `{unknown}`; cases: {}", cases.join(" "));
+        std::process::exit(2);
     }
-    if run("nf4") {
-        nf4_case();
+    if args.iter().any(|a| a == "--case-process") {
+        for case in &wanted {
+            for row in run_case(case) {
+                println!("{ROW_LINE}{}", row.to_json());
+            }
+        }
+        return;
     }
-    if run("frozen-linear") {
-        frozen_linear_case();
+    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split(' ').next().map(String::from));
+    println!(
+        "tramontane speed suite ({} threads{})",
+        rayon_threads(),
+        load.map_or(String::new(), |l| format!("; load average {l} before starting"))
+    );
+    let peer = Peer::detect(&args);
+    let mut rows = Vec::new();
+    for case in cases {
+        if !(wanted.is_empty() || wanted.iter().any(|w| *w == case)) {
+            continue;
+        }
+        let mut case_rows = run_case_process(case);
+        if let Some(peer) = &peer {
+            peer.compare(case, &mut case_rows);
+        }
+        rows.extend(case_rows);
     }
-    if run("train") {
-        training_cases();
-    }
-    if run("mistral-7b-2layer") {
-        mistral_7b_2layer_case();
-    }
+    print_summary(&rows);
 }
 
 fn rayon_threads() -> usize {

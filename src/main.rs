@@ -35,6 +35,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    trainer::system::tune_process();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => cmd::train::run(args),

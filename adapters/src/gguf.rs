@@ -63,8 +63,8 @@ impl GgufType {
     pub fn matrix_type(self, cols: usize) -> GgmlDType {
         match self {
             GgufType::F16 => GgmlDType::F16,
-            GgufType::Q4K if cols % 256 == 0 => GgmlDType::Q4K,
-            GgufType::Q8_0 | GgufType::Q4K if cols % 32 == 0 => GgmlDType::Q8_0,
+            GgufType::Q4K if cols.is_multiple_of(256) => GgmlDType::Q4K,
+            GgufType::Q8_0 | GgufType::Q4K if cols.is_multiple_of(32) => GgmlDType::Q8_0,
             _ => GgmlDType::F16,
         }
     }

@@ -437,7 +437,7 @@ fn split_gate_up(a: &Tensor, b: &Tensor, e: usize, r: usize, i: usize) -> Result
         let bottom = bx.narrow(0, i, i)?.contiguous()?;
         per.push((ax, top, bottom));
     }
-    let mut block_diag = r % 2 == 0;
+    let mut block_diag = r.is_multiple_of(2);
     if block_diag {
         let h = r / 2;
         for (_, top, bottom) in &per {

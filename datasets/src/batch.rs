@@ -332,7 +332,7 @@ impl PackingStats {
 
 /// An endless stream of micro-batches over epochs, resumable from a [`DataPosition`].
 ///
-/// ```ignore
+/// ```text
 /// let mut batches = Batches::new(data.train.clone(), cfg)?;
 /// for step in 0..max_steps {
 ///     for _ in 0..grad_accum { let b = batches.next_batch(); /* forward/backward */ }

@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod infer;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod quant;

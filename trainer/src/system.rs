@@ -22,3 +22,23 @@ fn status_field(key: &str) -> Option<u64> {
     let kb: u64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
 }
+
+/// Process-wide settings for tensor work; call once at startup, before other threads start.
+///
+/// - glibc's allocator: buffers of any size come from the heap and freed memory stays there (no
+///   `munmap` + page faults + zeroing for every large tensor, which otherwise costs several percent of
+///   a training step). Peak RSS is unchanged: freed memory is reused, not returned.
+/// - `RAYON_NUM_THREADS`, when unset, is set to the thread count candle picks: without it candle 0.11
+///   re-reads the CPU list from `/proc` on every matrix product.
+pub fn tune_process() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+    }
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, Var};
 
 use crate::infer::Rng;
+use crate::kernels::matmul;
 
 /// Shared switch and seed for the dropout of every adapter of a model.
 #[derive(Debug, Default)]
@@ -79,8 +80,8 @@ impl LoraAdapter {
             Some(seed) if self.dropout > 0.0 => self.drop(x, seed)?,
             _ => x.clone(),
         };
-        let h = x.to_dtype(self.a.dtype())?.matmul(&self.a.as_tensor().t()?)?;
-        (h.matmul(&self.b.as_tensor().t()?)? * self.scale)?.to_dtype(dtype)
+        let h = matmul(&x.to_dtype(self.a.dtype())?, &self.a.as_tensor().t()?)?;
+        (matmul(&h, &self.b.as_tensor().t()?)? * self.scale)?.to_dtype(dtype)
     }
 
     fn drop(&self, x: &Tensor, seed: u64) -> Result<Tensor> {

@@ -1,12 +1,14 @@
 //! Grouped-query self-attention with RoPE, an additive mask and an optional KV cache.
 //! Scores are computed per key/value group (no repeated K/V tensors are materialized) and the
-//! softmax runs in f32 like HF's eager attention.
+//! softmax runs in f32 like HF's eager attention. In f32 on the CPU the scores, softmax and weighted
+//! sum run fused ([`FusedAttention`]: no score tensor is kept for the backward).
 
 use candle_core::{DType, Result, Tensor, D};
 
 use super::linear::Linear;
 use super::rope::Rotary;
 use crate::infer::LayerCache;
+use crate::kernels::FusedAttention;
 
 /// The attention block of a decoder layer.
 #[derive(Debug, Clone)]
@@ -42,16 +44,19 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let groups = nh / nkv;
-        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = rotary.apply_to_heads(&self.q_proj.forward(x)?.reshape((b, t, nh, hd))?)?;
+        let k = rotary.apply_to_heads(&self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?)?.contiguous()?;
         let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let q = rotary.apply(&q)?;
-        let k = rotary.apply(&k)?.contiguous()?;
         let v = v.contiguous()?;
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v)?,
             None => (k, v),
         };
+        if q.dtype() == DType::F32 && q.device().is_cpu() {
+            let out = FusedAttention::apply(&q, &k, &v, mask)?;
+            let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            return self.o_proj.forward(&out);
+        }
         let s = k.dim(2)?;
         // Heads g*groups..(g+1)*groups share kv head g, as in HF's repeat_kv.
         let q = q.contiguous()?.reshape((b, nkv, groups * t, hd))?;

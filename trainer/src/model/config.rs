@@ -203,7 +203,7 @@ impl RawConfig {
                 return Err(format!("`{key}` must be positive"));
             }
         }
-        if self.num_attention_heads % num_kv_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(format!(
                 "`num_attention_heads` ({}) must be a multiple of `num_key_value_heads` ({num_kv_heads})",
                 self.num_attention_heads
@@ -213,7 +213,7 @@ impl RawConfig {
             Some(0) => return Err("`head_dim` must be positive".into()),
             Some(d) => d,
             None => {
-                if self.hidden_size % self.num_attention_heads != 0 {
+                if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
                     return Err(format!(
                         "`hidden_size` ({}) is not divisible by `num_attention_heads` ({}) and `head_dim` is not set",
                         self.hidden_size, self.num_attention_heads

@@ -5,6 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::kernels::matmul;
 use crate::lora::LoraAdapter;
 use crate::quant::FrozenWeight;
 
@@ -52,6 +53,14 @@ impl Linear {
         }
     }
 
+    /// The frozen base weight when the layer is exactly that (frozen and without LoRA).
+    pub fn frozen_only(&self) -> Option<&FrozenWeight> {
+        match (&self.base, &self.lora) {
+            (LinearBase::Frozen(w), None) => Some(w),
+            _ => None,
+        }
+    }
+
     /// Replaces the base weight by a dense tensor (a `Var`'s tensor makes it trainable).
     pub fn set_weight(&mut self, weight: Tensor) {
         self.base = Linear::new(weight).base;
@@ -84,7 +93,7 @@ impl Linear {
         let x2 = x.reshape((rows, in_features))?;
         let mut y = match &self.base {
             LinearBase::Frozen(w) => w.forward(&x2)?,
-            LinearBase::Trainable(w) => x2.matmul(&w.t()?)?,
+            LinearBase::Trainable(w) => matmul(&x2, &w.t()?)?,
         };
         if let Some(lora) = &self.lora {
             y = (y + lora.delta(&x2)?)?;

@@ -4,6 +4,7 @@
 use candle_core::{Result, Tensor};
 
 use super::linear::Linear;
+use crate::kernels::swiglu;
 
 /// A gated feed-forward network.
 #[derive(Debug, Clone)]
@@ -19,8 +20,8 @@ pub struct Mlp {
 impl Mlp {
     /// Applies the network to `x` `[..., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
+        let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        self.down_proj.forward(&swiglu(&gate, &up)?)
     }
 }

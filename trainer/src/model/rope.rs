@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use crate::kernels::RopeTranspose;
+
 /// The cos/sin tables for one forward pass, shaped `[b, 1, t, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct Rotary {
@@ -24,15 +26,34 @@ impl Rotary {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> =
             (0..half).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        // Angles of each distinct position once (rows repeat positions: every batch row starts at 0).
+        let angles = |p: u32, cos: &mut Vec<f32>, sin: &mut Vec<f32>| {
+            let start = cos.len();
+            for &f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+            // The second half repeats the first ("rotate half").
+            cos.extend_from_within(start..start + half);
+            sin.extend_from_within(start..start + half);
+        };
         let mut cos = Vec::with_capacity(positions.len() * head_dim);
         let mut sin = Vec::with_capacity(positions.len() * head_dim);
-        for &p in positions {
-            for _ in 0..2 {
-                for &f in &inv_freq {
-                    let angle = p as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
+        let highest = positions.iter().copied().max().unwrap_or(0) as usize;
+        if highest < positions.len() {
+            let (mut table_cos, mut table_sin) = (Vec::new(), Vec::new());
+            for p in 0..=highest as u32 {
+                angles(p, &mut table_cos, &mut table_sin);
+            }
+            for &p in positions {
+                let at = p as usize * head_dim;
+                cos.extend_from_slice(&table_cos[at..at + head_dim]);
+                sin.extend_from_slice(&table_sin[at..at + head_dim]);
+            }
+        } else {
+            for &p in positions {
+                angles(p, &mut cos, &mut sin);
             }
         }
         let t = positions.len() / batch.max(1);
@@ -41,6 +62,17 @@ impl Rotary {
             cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
         })
+    }
+
+    /// Rotates `x` of shape `[b, t, heads, head_dim]` (a projection's output, split into heads) and
+    /// returns it as `[b, heads, t, head_dim]`: fused for f32 on the CPU, transpose then [`Rotary::apply`]
+    /// otherwise.
+    pub fn apply_to_heads(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && x.device().is_cpu() && self.cos.dtype() == DType::F32 {
+            let op = RopeTranspose { cos: self.cos.clone(), sin: self.sin.clone(), backward: false };
+            return x.contiguous()?.apply_op1(op);
+        }
+        self.apply(&x.transpose(1, 2)?)
     }
 
     /// Rotates `x` of shape `[b, heads, t, head_dim]`.

@@ -17,6 +17,7 @@
 
 use super::nf4::Nf4Weight;
 use super::nf4_matmul::{Nf4MatMul, Nf4Product};
+use crate::kernels::{frozen_gemm, DenseLinear, DenseProduct, MatRef};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use std::sync::Arc;
@@ -114,6 +115,50 @@ impl FrozenWeight {
         }
     }
 
+    /// `y [m, out] = x [m, in] W^T` on plain f32 slices (f32 dense or NF4 weights on the CPU), at the
+    /// current matmul precision.
+    pub fn forward_f32(&self, x: &[f32], m: usize, y: &mut [f32]) -> crate::Result<()> {
+        self.slice_product(x, m, y, false)
+    }
+
+    /// `dx [m, in] = g [m, out] W` on plain f32 slices (f32 dense or NF4 weights on the CPU).
+    pub fn input_grad_f32(&self, g: &[f32], m: usize, dx: &mut [f32]) -> crate::Result<()> {
+        self.slice_product(g, m, dx, true)
+    }
+
+    /// The slice products behind [`FrozenWeight::forward_f32`] and [`FrozenWeight::input_grad_f32`].
+    fn slice_product(&self, x: &[f32], m: usize, out: &mut [f32], transposed: bool) -> crate::Result<()> {
+        match self {
+            FrozenWeight::Nf4(w) => {
+                if transposed {
+                    super::nf4_matmul::input_grad_cpu(w, x, m, out)
+                } else {
+                    super::nf4_matmul::forward_cpu(w, x, m, out)
+                }
+            }
+            FrozenWeight::Dense(w) => {
+                let (rows, cols) = w.dims2()?;
+                let (storage, layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+                    return Err(crate::Error::Invalid("frozen linear: f32 CPU weight expected".into()));
+                };
+                let (&[rs, cs], start) = (layout.stride(), layout.start_offset()) else {
+                    return Err(crate::Error::Invalid("frozen linear: 2-D weight expected".into()));
+                };
+                let weight = MatRef { data: &data[start..], rows, cols, row_stride: rs, col_stride: cs };
+                let (k, b) = if transposed { (rows, weight) } else { (cols, weight.t()) };
+                if x.len() != m * k || out.len() != m * b.cols {
+                    return Err(crate::Error::Invalid(format!(
+                        "frozen linear: {} inputs and {} outputs for {m} rows of a [{rows}, {cols}] weight",
+                        x.len(),
+                        out.len()
+                    )));
+                }
+                frozen_gemm(MatRef::row_major(x, m, k), b, out, b.cols, false).map_err(crate::Error::Invalid)
+            }
+        }
+    }
+
     /// `dy [..., out] -> dy W [..., in]` outside the graph, in `dy`'s dtype.
     pub fn input_grad(&self, dy: &Tensor) -> candle_core::Result<Tensor> {
         self.product(&dy.detach(), true)
@@ -127,6 +172,10 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => {
                 let w = w.detach();
+                if w.dtype() == DType::F32 && x.dtype() == DType::F32 && x.device().is_cpu() {
+                    let product = if transposed { DenseProduct::InputGrad } else { DenseProduct::Forward };
+                    return x.contiguous()?.apply_op2_no_bwd(&w, &DenseLinear(product));
+                }
                 let x2 = x.reshape((m, k))?;
                 let x2 = if x2.dtype() == w.dtype() { x2 } else { x2.to_dtype(w.dtype())? };
                 let y = if transposed { x2.matmul(&w)? } else { x2.matmul(&w.t()?)? };

@@ -1,11 +1,12 @@
 //! Matrix products with an NF4 weight, tile by tile: `y = x W^T` (forward) and `dx = g W` (input
 //! gradient). The weight is dequantized a block of rows at a time into a scratch tile (in parallel) and
-//! multiplied with `gemm` straight into the destination, so no f32 copy of the whole weight ever exists.
+//! multiplied with [`frozen_gemm`] (f32 or bf16 operands) straight into the destination, so no f32 copy of the whole weight ever exists.
 //!
 //! This file is the whole CPU path. [`Nf4MatMul`] is a candle `CustomOp1` so that a GPU kernel can be
 //! added as its `cuda_fwd` without touching the frozen-linear logic.
 
 use super::nf4::Nf4Weight;
+use crate::kernels::{frozen_gemm, MatRef};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use std::sync::Arc;
@@ -25,14 +26,6 @@ pub enum Nf4Product {
 /// Rows per tile for a weight with `cols` columns.
 fn tile_rows(w: &Nf4Weight) -> usize {
     (TILE_FLOATS / w.cols()).clamp(1, w.rows())
-}
-
-/// gemm's parallelism over rayon's pool.
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
 }
 
 /// Dequantizes `w` tile by tile (blocks of rows) into one scratch buffer and hands each tile
@@ -64,33 +57,9 @@ pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::
         return Ok(());
     }
     for_each_tile(w, |r0, r1, t| {
-        // SAFETY: dst covers columns r0..r1 of the m rows of `y` (row stride `rows`), lhs is `x` [m, cols]
-        // row-major, rhs is the tile read as its transpose [cols, r1 - r0] (column stride `cols`); all
-        // three are in bounds by the length checks above, and `y` does not alias `x` or the tile.
-        unsafe {
-            gemm::gemm(
-                m,
-                r1 - r0,
-                cols,
-                y.as_mut_ptr().add(r0),
-                1,
-                rows as isize,
-                false,
-                x.as_ptr(),
-                1,
-                cols as isize,
-                t.as_ptr(),
-                cols as isize,
-                1,
-                0f32,
-                1f32,
-                false,
-                false,
-                false,
-                parallelism(),
-            );
-        }
-        Ok(())
+        // Columns r0..r1 of `y` (row stride `rows`) = x [m, cols] times the tile read as its transpose.
+        let tile = MatRef::row_major(t, r1 - r0, cols).t();
+        frozen_gemm(MatRef::row_major(x, m, cols), tile, &mut y[r0..], rows, false).map_err(crate::Error::Invalid)
     })
 }
 
@@ -108,33 +77,9 @@ pub fn input_grad_cpu(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32]) -> cra
         return Ok(());
     }
     for_each_tile(w, |r0, r1, t| {
-        // SAFETY: dst is `dx` [m, cols] row-major (read and accumulated after the first tile), lhs is
-        // columns r0..r1 of `g` (row stride `rows`), rhs is the tile [r1 - r0, cols] row-major; in bounds
-        // by the length checks above, and `dx` aliases neither input.
-        unsafe {
-            gemm::gemm(
-                m,
-                cols,
-                r1 - r0,
-                dx.as_mut_ptr(),
-                1,
-                cols as isize,
-                r0 > 0,
-                g.as_ptr().add(r0),
-                1,
-                rows as isize,
-                t.as_ptr(),
-                1,
-                cols as isize,
-                1f32,
-                1f32,
-                false,
-                false,
-                false,
-                parallelism(),
-            );
-        }
-        Ok(())
+        // dx [m, cols] += columns r0..r1 of g (row stride `rows`) times the tile [r1 - r0, cols].
+        let g_cols = MatRef { data: &g[r0..], rows: m, cols: r1 - r0, row_stride: rows, col_stride: 1 };
+        frozen_gemm(g_cols, MatRef::row_major(t, r1 - r0, cols), dx, cols, r0 > 0).map_err(crate::Error::Invalid)
     })
 }
 

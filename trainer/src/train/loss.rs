@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::kernels::{CrossEntropy, LinearCrossEntropy};
 use crate::model::Model;
 
 /// The label value that marks a position as not trained.
@@ -61,7 +62,12 @@ impl ShiftedTargets {
 
 /// Sum over rows of `-log softmax(logits)[target]`, computed in f32. `logits` is `[n, vocab]`.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let logits = logits.to_dtype(DType::F32)?;
+    if logits.device().is_cpu() && logits.rank() == 2 {
+        let ids = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        return CrossEntropy::nll(&logits, &ids)?.sum_all();
+    }
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     log_probs.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
 }
 
@@ -75,6 +81,11 @@ pub fn labelled_nll_sum(model: &Model, hidden: &Tensor, targets: &ShiftedTargets
     let device = hidden.device();
     let rows = Tensor::from_vec(targets.rows.clone(), targets.len(), device)?;
     let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+    if let Some(weight) = model.lm_head.frozen_only() {
+        if let Some(nll) = LinearCrossEntropy::nll(&picked, weight, &targets.targets)? {
+            return nll.sum_all().map(Some);
+        }
+    }
     let logits = model.logits(&picked)?;
     let goal = Tensor::from_vec(targets.targets.clone(), targets.len(), device)?;
     cross_entropy_sum(&logits, &goal).map(Some)

@@ -183,7 +183,7 @@ impl Reporter for ProgressReporter {
         );
         if let Some(bar) = &self.bar {
             bar.set_position(r.step + 1);
-            if bar.is_hidden() && (r.step + 1) % 10 == 0 {
+            if bar.is_hidden() && (r.step + 1).is_multiple_of(10) {
                 eprintln!("step {}/{} {msg}", r.step + 1, bar.length().unwrap_or(0));
             }
             bar.set_message(msg);

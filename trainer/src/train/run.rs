@@ -322,6 +322,7 @@ struct LoopState {
 /// Runs (or resumes) the training a recipe describes.
 pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Reporter) -> Result<RunSummary> {
     recipe.validate().map_err(|(key, msg)| Error::Invalid(format!("recipe: `{key}`: {msg}")))?;
+    crate::kernels::set_matmul_precision(recipe.train.matmul_precision);
     let run_dir = RunDir { root: recipe.output.dir.clone() };
     let mut s = open_session(recipe, &run_dir)?;
     let total = total_steps(recipe, &s.batches);
@@ -441,17 +442,18 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
         let tps = report.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
         reporter.step(&report, total, tps);
         let every = recipe.logging.every_steps.max(1);
-        if state.step % every == 0 || state.step == total {
+        if state.step.is_multiple_of(every) || state.step == total {
             let record = train_record(&report, tps, state.step);
             for sink in &mut sinks {
                 sink.record(&record)?;
             }
         }
-        let eval_now = recipe.eval.every_steps > 0 && state.step % recipe.eval.every_steps == 0 && state.step < total;
+        let eval_now =
+            recipe.eval.every_steps > 0 && state.step.is_multiple_of(recipe.eval.every_steps) && state.step < total;
         if eval_now {
             evaluate(&mut s, recipe, &mut state, &mut sinks, reporter, &run_dir, &base_name)?;
         }
-        let save_now = recipe.output.save_every_steps > 0 && state.step % recipe.output.save_every_steps == 0;
+        let save_now = recipe.output.save_every_steps > 0 && state.step.is_multiple_of(recipe.output.save_every_steps);
         if save_now && state.step < total {
             for sink in &mut sinks {
                 sink.flush()?;

@@ -1,0 +1,26 @@
+//! Hand-written CPU kernels for the work that dominates training and inference: the matrix product,
+//! the frozen linear layer's products, vectorized exponentials, and the fused losses built on them.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod dense_linear;
+pub mod linear_cross_entropy;
+pub mod matmul;
+pub mod parallel;
+pub mod precision;
+pub mod rms_norm;
+pub mod rope;
+pub mod sgemm;
+pub mod swiglu;
+pub mod vmath;
+
+pub use attention::FusedAttention;
+pub use cross_entropy::CrossEntropy;
+pub use dense_linear::{DenseLinear, DenseProduct};
+pub use linear_cross_entropy::LinearCrossEntropy;
+pub use matmul::matmul;
+pub use precision::{frozen_gemm, matmul_precision, set_matmul_precision, MatmulPrecision};
+pub use rms_norm::rms_norm;
+pub use rope::RopeTranspose;
+pub use sgemm::{bf16_gemm, sgemm, sgemm_serial, MatRef};
+pub use swiglu::swiglu;

@@ -1,0 +1,111 @@
+//! Rotary embedding fused with the head transpose: `x [b, t, heads, d] -> y [b, heads, t, d]` with
+//! `y = x cos + rotate_half(x) sin` (`rotate_half(x) = [-x2, x1]`), and its backward
+//! `dx = dy cos + [ (dy sin)_2, -(dy sin)_1 ]` transposed back, in one pass each (the composed version
+//! runs a transpose copy, two narrows, a negation, a concatenation, two products and a sum).
+
+use super::parallel::for_rows_mut;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+
+/// The op: `cos`/`sin` are `[b, 1, t, d]` f32 CPU tables (one row per token).
+#[derive(Debug, Clone)]
+pub struct RopeTranspose {
+    /// Cosines per token and channel.
+    pub cos: Tensor,
+    /// Sines per token and channel.
+    pub sin: Tensor,
+    /// `false`: rotate `[b, t, h, d] -> [b, h, t, d]`; `true`: the backward, `[b, h, t, d] -> [b, t, h, d]`.
+    pub backward: bool,
+}
+
+/// A contiguous f32 CPU slice of a tensor, read inside `f`.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else { bail!("rope: f32 CPU tables expected") };
+    let Some((a, b)) = layout.contiguous_offsets() else { bail!("rope: contiguous tables expected") };
+    f(&v[a..b])
+}
+
+impl CustomOp1 for RopeTranspose {
+    fn name(&self) -> &'static str {
+        if self.backward {
+            "rope-transpose-backward"
+        } else {
+            "rope-transpose"
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { bail!("rope: f32 input expected, found {:?}", storage.dtype()) };
+        let Some((start, end)) = layout.contiguous_offsets() else { bail!("rope: contiguous input expected") };
+        let x = &data[start..end];
+        let &[b, d1, d2, d] = layout.dims() else { bail!("rope: 4-D input expected, found {:?}", layout.dims()) };
+        // Forward input is [b, t, h, d]; backward input is [b, h, t, d].
+        let (t, h) = if self.backward { (d2, d1) } else { (d1, d2) };
+        let half = d / 2;
+        let (cos, sin) = (self.cos.contiguous()?, self.sin.contiguous()?);
+        let mut out = vec![0f32; x.len()];
+        with_values(&cos, |cos| {
+            with_values(&sin, |sin| {
+                if cos.len() != b * t * d || sin.len() != b * t * d {
+                    bail!("rope: tables hold {} values, {b}x{t}x{d} needed", cos.len())
+                }
+                // One output row of d values per (b, a, c) in the output's order.
+                for_rows_mut(&mut out, d, |row, y| {
+                    let (bi, a, c) = (row / (d1 * d2), (row / d1) % d2, row % d1);
+                    // Output [b, h, t, d] (forward: a = head, c = token) or [b, t, h, d] (backward: a = token, c = head).
+                    let (hi, ti) = if self.backward { (c, a) } else { (a, c) };
+                    let src = if self.backward { ((bi * h + hi) * t + ti) * d } else { ((bi * t + ti) * h + hi) * d };
+                    let xr = &x[src..src + d];
+                    let at = (bi * t + ti) * d;
+                    let (cr, sr) = (&cos[at..at + d], &sin[at..at + d]);
+                    if self.backward {
+                        for j in 0..half {
+                            y[j] = xr[j] * cr[j] + xr[j + half] * sr[j + half];
+                            y[j + half] = xr[j + half] * cr[j + half] - xr[j] * sr[j];
+                        }
+                    } else {
+                        for j in 0..half {
+                            y[j] = xr[j] * cr[j] - xr[j + half] * sr[j];
+                            y[j + half] = xr[j + half] * cr[j + half] + xr[j] * sr[j + half];
+                        }
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        Ok((CpuStorage::F32(out), Shape::from((b, d2, d1, d))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = RopeTranspose { backward: !self.backward, ..self.clone() };
+        grad.contiguous()?.apply_op1_no_bwd(&op).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::rope::Rotary;
+    use candle_core::{DType, Device, Var};
+
+    #[test]
+    fn equals_transpose_then_rotate_and_its_gradient() {
+        let dev = Device::Cpu;
+        let (b, t, h, d) = (2usize, 5usize, 3usize, 8usize);
+        let positions: Vec<u32> = (0..b * t).map(|i| (i % t) as u32 * 3).collect();
+        let rotary = Rotary::new(&positions, b, d, 10000.0, DType::F32, &dev).unwrap();
+        let vals: Vec<f32> = (0..b * t * h * d).map(|i| ((i * 29) % 101) as f32 / 25.0 - 2.0).collect();
+        let x = Var::from_vec(vals.clone(), (b, t, h, d), &dev).unwrap();
+        let k = Tensor::from_vec(vals.iter().rev().copied().collect::<Vec<_>>(), (b, h, t, d), &dev).unwrap();
+        let ours = rotary.apply_to_heads(x.as_tensor()).unwrap();
+        let theirs = rotary.apply(&x.as_tensor().transpose(1, 2).unwrap()).unwrap();
+        let g1 = (&ours * &k).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&theirs * &k).unwrap().sum_all().unwrap().backward().unwrap();
+        let diff =
+            |a: &Tensor, b: &Tensor| a.sub(b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(ours.dims(), &[b, h, t, d]);
+        assert!(diff(&ours, &theirs) < 1e-6);
+        assert!(diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-6);
+    }
+}

@@ -1,0 +1,633 @@
+//! A single-precision matrix product `C = A B` (or `C += A B`) with an AVX-512 micro-kernel.
+//!
+//! candle's CPU matmul goes through the `gemm` crate, whose AVX-512 kernels need a nightly compiler: on
+//! stable Rust it runs 256-bit FMA kernels, about half of what an AVX-512 core does. This is the
+//! classic blocked product (Goto/BLIS): B is packed into `KC x NR` column panels, A into `MR x KC` row
+//! panels, and a `MR x NR` register tile (24 of the 32 zmm registers) accumulates their product. The
+//! work is split over candle's CPU thread pool (the one its element-wise ops already use, so no second
+//! pool spins against it): by rows of C when there are enough, by columns otherwise; each thread packs
+//! its own panels, so threads never wait on each other.
+//!
+//! Without AVX-512 (or for products too small to pay for packing) it falls back to `gemm`.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// Rows of C per register tile.
+const MR: usize = 12;
+/// Columns of C per register tile (two zmm vectors).
+const NR: usize = 32;
+/// Depth of one packed block (a `KC x NR` panel of B stays in L1 while the A panels stream past).
+const KC: usize = 256;
+/// Columns of B packed at once (a `KC x NC` block stays in L2).
+const NC: usize = 512;
+/// Below this many multiply-adds the packing does not pay for itself.
+const SMALL: usize = 32 * 32 * 32;
+
+/// A strided read-only view of a matrix of f32: element `(i, j)` is at `data[i * row_stride + j * col_stride]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    /// The values the view reads.
+    pub data: &'a [f32],
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// Distance between consecutive rows.
+    pub row_stride: usize,
+    /// Distance between consecutive columns.
+    pub col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major `[rows, cols]` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    /// Whether every element the view addresses lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1).checked_mul(self.row_stride).zip((self.cols - 1).checked_mul(self.col_stride));
+        matches!(last, Some((r, c)) if r.checked_add(c).is_some_and(|i| i < self.data.len()))
+    }
+}
+
+/// `c [m, n] (row stride ldc) = a [m, k] b [k, n]`, or `+=` when `accumulate`, on all the pool's threads.
+///
+/// Errors (as a message) when the shapes disagree or a view or `c` is too short.
+pub fn sgemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize, accumulate: bool) -> Result<(), String> {
+    product::<F32Tile>(a, b, c, ldc, accumulate, true)
+}
+
+/// As [`sgemm`], on the calling thread only (for kernels that already run one task per thread).
+pub fn sgemm_serial(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize, accumulate: bool) -> Result<(), String> {
+    product::<F32Tile>(a, b, c, ldc, accumulate, false)
+}
+
+/// As [`sgemm`], but the operands are rounded to bf16 (round to nearest even) and multiplied with
+/// AVX-512 BF16 dot products, accumulating in f32 (PyTorch's `set_float32_matmul_precision("medium")`).
+/// Twice the multiply throughput of f32 on CPUs that have the instructions; elsewhere it computes in f32.
+pub fn bf16_gemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize, accumulate: bool) -> Result<(), String> {
+    if Bf16Tile::available() {
+        product::<Bf16Tile>(a, b, c, ldc, accumulate, true)
+    } else {
+        sgemm(a, b, c, ldc, accumulate)
+    }
+}
+
+/// The product with tile `T`, over the pool's threads when `parallel`.
+fn product<T: Tile>(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) -> Result<(), String> {
+    if !prepare(a, b, c, ldc, accumulate)? {
+        return Ok(());
+    }
+    let (m, n) = (a.rows, b.cols);
+    let c_ptr = SendPtr(c.as_mut_ptr());
+    // SAFETY: the views are in bounds (checked by `prepare`) and `c` covers `m` rows of `n` values at
+    // stride `ldc`; the threads below write disjoint row or column ranges of `c`.
+    unsafe {
+        if !(T::available() && a.rows >= MR && a.rows * a.cols * b.cols >= SMALL) {
+            fallback(a, b, c_ptr.0, ldc, accumulate);
+            return Ok(());
+        }
+        if !parallel {
+            blocked::<T>(a, b, c_ptr.0, ldc, accumulate);
+            return Ok(());
+        }
+        let pool = candle_core::utils::barrier_pool();
+        let threads = pool.n_workers() + 1;
+        // Split the larger side: each thread packs all of the other operand, so that one should be small.
+        let by_rows = (m >= n && m >= threads * MR) || n < threads * NR;
+        let span =
+            if by_rows { m.div_ceil(threads).next_multiple_of(MR) } else { n.div_ceil(threads).next_multiple_of(NR) };
+        pool.execute(|tid| {
+            let c = c_ptr;
+            let (lo, hi) = (tid * span, ((tid + 1) * span).min(if by_rows { m } else { n }));
+            if lo >= hi {
+                return;
+            }
+            if by_rows {
+                let a_part = MatRef { data: &a.data[lo * a.row_stride..], rows: hi - lo, ..a };
+                blocked::<T>(a_part, b, c.0.add(lo * ldc), ldc, accumulate);
+            } else {
+                let b_part = MatRef { data: &b.data[lo * b.col_stride..], cols: hi - lo, ..b };
+                blocked::<T>(a, b_part, c.0.add(lo), ldc, accumulate);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Checks shapes and bounds; handles the empty cases. `Ok(true)` when there is a product to compute.
+fn prepare(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize, accumulate: bool) -> Result<bool, String> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k {
+        return Err(format!("sgemm: A is {m}x{k} but B is {}x{n}", b.rows));
+    }
+    if !a.in_bounds() || !b.in_bounds() {
+        return Err("sgemm: a matrix view reaches past its data".into());
+    }
+    if m > 0 && n > 0 && (ldc < n || c.len() < (m - 1) * ldc + n) {
+        return Err(format!("sgemm: C holds {} values, {m}x{n} with row stride {ldc} needs more", c.len()));
+    }
+    if m == 0 || n == 0 {
+        return Ok(false);
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// A raw pointer that may cross to the pool's threads (each writes its own part of C).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint parts of one output buffer to the pool's threads.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+/// Whether this CPU runs the AVX-512 kernel.
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The `gemm` crate's product, on one thread.
+///
+/// # Safety
+/// The views must be in bounds and `c` must cover `a.rows` rows of `b.cols` values at stride `ldc`.
+unsafe fn fallback(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc: usize, accumulate: bool) {
+    gemm::gemm(
+        a.rows,
+        b.cols,
+        a.cols,
+        c,
+        1,
+        ldc as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.col_stride as isize,
+        a.row_stride as isize,
+        b.data.as_ptr(),
+        b.col_stride as isize,
+        b.row_stride as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+thread_local! {
+    /// Per-thread packing buffers (A panels, B panels), kept between calls.
+    static PACK: RefCell<(Vec<u32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// How the operands are packed and multiplied: f32 values, or bf16 pairs along K.
+pub(crate) trait Tile {
+    /// Depth of one packed block.
+    const KC: usize;
+    /// Whether this CPU runs the tile.
+    fn available() -> bool;
+    /// Packed words per row (A) or column (B) for a block of depth `kc`.
+    fn words(kc: usize) -> usize;
+    /// Packs `src.at(i, p)` for `i < rows` (at most `width`), `p < kc`, as `words(kc)` words per index,
+    /// interleaved `width` at a time (zero padded).
+    fn pack(src: Lines<'_>, rows: usize, width: usize, kc: usize, out: &mut [u32]);
+    /// The register tile over `words` packed words.
+    ///
+    /// # Safety
+    /// `a` holds `words * MR` and `b` `words * NR` words; `c` covers `mr` rows of `nr` values at stride `ldc`;
+    /// the CPU supports the tile's instructions.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        words: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        mr: usize,
+        nr: usize,
+    );
+}
+
+/// The rows of A or the columns of B being packed: element `(i, p)` (index `i`, depth `p`) is
+/// `data[base + i * index_stride + p * depth_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Lines<'a> {
+    data: &'a [f32],
+    base: usize,
+    index_stride: usize,
+    depth_stride: usize,
+}
+
+impl Lines<'_> {
+    /// Stores every element of `rows` indices by `kc` depths with `put(word, depth, value)` into
+    /// `out[slot(depth) + index]`, walking the memory in the order it runs.
+    fn pack_into(
+        &self,
+        rows: usize,
+        kc: usize,
+        out: &mut [u32],
+        slot: impl Fn(usize) -> usize,
+        put: impl Fn(&mut u32, usize, f32),
+    ) {
+        if self.depth_stride == 1 {
+            // Contiguous lines: read them side by side so the packed output is written in order.
+            let lines: Vec<&[f32]> = (0..rows).map(|i| &self.data[self.base + i * self.index_stride..][..kc]).collect();
+            for p in 0..kc {
+                let at = slot(p);
+                for (o, line) in out[at..at + rows].iter_mut().zip(&lines) {
+                    put(o, p, line[p]);
+                }
+            }
+        } else if self.index_stride == 1 {
+            for p in 0..kc {
+                let seg = &self.data[self.base + p * self.depth_stride..][..rows];
+                for (o, &v) in out[slot(p)..slot(p) + rows].iter_mut().zip(seg) {
+                    put(o, p, v);
+                }
+            }
+        } else {
+            for i in 0..rows {
+                for p in 0..kc {
+                    put(&mut out[slot(p) + i], p, self.data[self.base + i * self.index_stride + p * self.depth_stride]);
+                }
+            }
+        }
+    }
+}
+
+/// The bf16 bits of `v`, rounded to nearest even (NaN stays NaN), as the low half of a word.
+#[inline]
+fn bf16_bits(v: f32) -> u32 {
+    let bits = v.to_bits();
+    if v.is_nan() {
+        return (bits >> 16) | 0x40;
+    }
+    (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
+}
+
+/// f32 operands, f32 products (the `MR x NR` FMA tile).
+pub(crate) struct F32Tile;
+
+impl Tile for F32Tile {
+    const KC: usize = KC;
+    fn available() -> bool {
+        avx512_available()
+    }
+    fn words(kc: usize) -> usize {
+        kc
+    }
+    fn pack(src: Lines<'_>, rows: usize, width: usize, kc: usize, out: &mut [u32]) {
+        let out = &mut out[..kc * width];
+        if rows < width {
+            out.fill(0);
+        }
+        src.pack_into(rows, kc, out, |p| p * width, |o, _, v| *o = v.to_bits());
+    }
+    unsafe fn tile(
+        words: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        mr: usize,
+        nr: usize,
+    ) {
+        kernel(words, a as *const f32, b as *const f32, c, ldc, acc, mr, nr)
+    }
+}
+
+/// bf16 operands (rounded from f32 while packing, two K steps per 32-bit word), f32 accumulation.
+pub(crate) struct Bf16Tile;
+
+impl Tile for Bf16Tile {
+    const KC: usize = 2 * KC;
+    fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx512_available() && std::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+    fn words(kc: usize) -> usize {
+        kc.div_ceil(2)
+    }
+    fn pack(src: Lines<'_>, rows: usize, width: usize, kc: usize, out: &mut [u32]) {
+        let out = &mut out[..kc.div_ceil(2) * width];
+        if rows < width || kc % 2 == 1 {
+            out.fill(0);
+        }
+        // Even K steps fill the low half of a word, odd ones the high half (OR-ed into a zeroed word).
+        let put = |o: &mut u32, p: usize, v: f32| {
+            let bits = bf16_bits(v);
+            *o = if p.is_multiple_of(2) { (*o & 0xffff_0000) | bits } else { (*o & 0xffff) | (bits << 16) };
+        };
+        src.pack_into(rows, kc, out, |p| (p / 2) * width, put);
+    }
+    unsafe fn tile(
+        words: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        mr: usize,
+        nr: usize,
+    ) {
+        kernel_bf16(words, a, b, c, ldc, acc, mr, nr)
+    }
+}
+
+/// The blocked product on the calling thread.
+///
+/// # Safety
+/// As [`fallback`], and the CPU must support the tile's instructions.
+pub(crate) unsafe fn blocked<T: Tile>(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32, ldc: usize, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let mc = m.next_multiple_of(MR);
+    PACK.with(|bufs| {
+        let mut bufs = bufs.borrow_mut();
+        let (apack, bpack) = &mut *bufs;
+        apack.resize(mc * T::words(T::KC), 0);
+        bpack.resize(NC * T::words(T::KC), 0);
+        // A is packed once per depth block and reused across all column blocks of B.
+        for pc in (0..k).step_by(T::KC) {
+            let kc = T::KC.min(k - pc);
+            let w = T::words(kc);
+            for (panel, i0) in (0..m).step_by(MR).enumerate() {
+                let out = &mut apack[panel * MR * w..(panel + 1) * MR * w];
+                let src = Lines {
+                    data: a.data,
+                    base: i0 * a.row_stride + pc * a.col_stride,
+                    index_stride: a.row_stride,
+                    depth_stride: a.col_stride,
+                };
+                T::pack(src, MR.min(m - i0), MR, kc, out);
+            }
+            let acc = accumulate || pc > 0;
+            for jc in (0..n).step_by(NC) {
+                let nc = NC.min(n - jc);
+                for (panel, j0) in (0..nc).step_by(NR).enumerate() {
+                    let out = &mut bpack[panel * NR * w..(panel + 1) * NR * w];
+                    let src = Lines {
+                        data: b.data,
+                        base: pc * b.row_stride + (jc + j0) * b.col_stride,
+                        index_stride: b.col_stride,
+                        depth_stride: b.row_stride,
+                    };
+                    T::pack(src, NR.min(nc - j0), NR, kc, out);
+                }
+                for jr in (0..nc).step_by(NR) {
+                    let nr = NR.min(nc - jr);
+                    let bp = bpack.as_ptr().add(jr * w);
+                    for ir in (0..m).step_by(MR) {
+                        let mr = MR.min(m - ir);
+                        T::tile(w, apack.as_ptr().add(ir * w), bp, c.add(ir * ldc + jc + jr), ldc, acc, mr, nr);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The `MR x NR` register tile: `c[..mr, ..nr] (+)= apanel (kc x MR) * bpanel (kc x NR)`.
+///
+/// # Safety
+/// `a` holds `kc * MR` and `b` `kc * NR` values; `c` covers `mr` rows of `nr` values at stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    mr: usize,
+    nr: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kc {
+        let b0 = _mm512_loadu_ps(b.add(p * NR));
+        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+        let ap = a.add(p * MR);
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*ap.add(i));
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
+    }
+    store(&acc, c, ldc, accumulate, mr, nr);
+}
+
+/// Writes (or adds) the first `mr` rows and `nr` columns of a register tile to `c`.
+///
+/// # Safety
+/// `c` covers `mr` rows of `nr` values at stride `ldc`; the CPU supports AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store(acc: &[[__m512; 2]; MR], c: *mut f32, ldc: usize, accumulate: bool, mr: usize, nr: usize) {
+    let mask = |lo: usize| -> __mmask16 {
+        let n = nr.saturating_sub(lo).min(16);
+        if n == 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    };
+    let (m0, m1) = (mask(0), mask(16));
+    for (i, row) in acc.iter().enumerate() {
+        if i < mr {
+            let dst = c.add(i * ldc);
+            let (mut v0, mut v1) = (row[0], row[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, dst));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, dst.add(16)));
+            }
+            _mm512_mask_storeu_ps(dst, m0, v0);
+            _mm512_mask_storeu_ps(dst.add(16), m1, v1);
+        }
+    }
+}
+
+/// The bf16 register tile: each word holds two consecutive K steps; `vdpbf16ps` multiplies both
+/// pairs and adds them to the f32 lanes.
+///
+/// # Safety
+/// `a` holds `words * MR` and `b` `words * NR` words; `c` covers `mr` rows of `nr` values at stride `ldc`;
+/// the CPU supports AVX-512F and AVX-512 BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_bf16(
+    words: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    mr: usize,
+    nr: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..words {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+        let ap = a.add(p * MR);
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+            row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
+            row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
+        }
+    }
+    store(&acc, c, ldc, accumulate, mr, nr);
+}
+
+/// Never called: [`Bf16Tile::available`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_bf16(_: usize, _: *const u32, _: *const u32, _: *mut f32, _: usize, _: bool, _: usize, _: usize) {
+    unreachable!("the AVX-512 BF16 kernel is only reached on x86-64")
+}
+
+/// Never called: [`avx512_available`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize, _: bool, _: usize, _: usize) {
+    unreachable!("the AVX-512 kernel is only reached on x86-64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(a: MatRef<'_>, b: MatRef<'_>) -> Vec<f64> {
+        let mut out = vec![0f64; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let mut s = 0f64;
+                for p in 0..a.cols {
+                    s += a.data[i * a.row_stride + p * a.col_stride] as f64
+                        * b.data[p * b.row_stride + j * b.col_stride] as f64;
+                }
+                out[i * b.cols + j] = s;
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32).map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn matches_a_float64_reference_on_every_layout_and_edge() {
+        // Shapes that exercise partial tiles, several K and N blocks, both thread splits and the fallback.
+        for &(m, k, n) in &[(1, 7, 5), (13, 300, 33), (100, 513, 70), (25, 64, 1100), (200, 40, 48), (12, 260, 600)] {
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let av = values(m * k, 1);
+                let bv = values(k * n, 2);
+                let a = if ta { MatRef::row_major(&av, k, m).t() } else { MatRef::row_major(&av, m, k) };
+                let b = if tb { MatRef::row_major(&bv, n, k).t() } else { MatRef::row_major(&bv, k, n) };
+                let want = reference(a, b);
+                for accumulate in [false, true] {
+                    let mut c = vec![0.5f32; m * n];
+                    sgemm(a, b, &mut c, n, accumulate).expect("sgemm");
+                    for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                        let w = if accumulate { w + 0.5 } else { w };
+                        let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-5 * w.abs();
+                        assert!(
+                            (got as f64 - w).abs() <= tol,
+                            "m{m} k{k} n{n} ta{ta} tb{tb} acc{accumulate} at {idx}: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_product_equals_the_product_of_the_rounded_operands() {
+        let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+        for &(m, k, n) in &[(13, 301, 33), (100, 513, 70), (25, 64, 1100), (200, 41, 48)] {
+            for (ta, tb) in [(false, false), (false, true), (true, true)] {
+                let av = values(m * k, 7);
+                let bv = values(k * n, 8);
+                let (ar, br) = (round(&av), round(&bv));
+                let a = if ta { MatRef::row_major(&av, k, m).t() } else { MatRef::row_major(&av, m, k) };
+                let b = if tb { MatRef::row_major(&bv, n, k).t() } else { MatRef::row_major(&bv, k, n) };
+                let a_r = MatRef { data: &ar, ..a };
+                let b_r = MatRef { data: &br, ..b };
+                let want = reference(a_r, b_r);
+                let mut c = vec![0f32; m * n];
+                bf16_gemm(a, b, &mut c, n, false).expect("bf16 gemm");
+                for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-5 * w.abs();
+                    assert!((got as f64 - w).abs() <= tol, "m{m} k{k} n{n} at {idx}: {got} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn writes_only_inside_the_output_rows() {
+        // A row stride wider than n: the padding columns must stay untouched.
+        let (m, k, n, ldc) = (30, 50, 40, 45);
+        let av = values(m * k, 3);
+        let bv = values(k * n, 4);
+        let mut c = vec![7.0f32; m * ldc];
+        sgemm(MatRef::row_major(&av, m, k), MatRef::row_major(&bv, k, n), &mut c, ldc, false).expect("sgemm");
+        for i in 0..m {
+            assert!(c[i * ldc + n..i * ldc + ldc].iter().all(|&v| v == 7.0), "row {i} padding overwritten");
+        }
+    }
+
+    #[test]
+    fn rejects_mismatched_shapes_and_short_buffers() {
+        let v = values(64, 5);
+        let a = MatRef::row_major(&v, 8, 8);
+        let b = MatRef::row_major(&v[..32], 4, 8);
+        assert!(sgemm(a, b, &mut [0.0; 64], 8, false).is_err());
+        let too_long = MatRef { data: &v, rows: 9, cols: 8, row_stride: 8, col_stride: 1 };
+        assert!(sgemm(too_long, a, &mut [0.0; 72], 8, false).is_err());
+        assert!(sgemm(a, a, &mut [0.0; 63], 8, false).is_err());
+    }
+}
