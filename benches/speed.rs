@@ -420,13 +420,20 @@ fn mistral_7b_2layer_case() -> Vec<Row> {
 }
 
 /// Training tokens/s at the reference peer's shapes (see ../shared/notes/performance.md).
-fn training_cases() -> Vec<Row> {
+/// Training configurations measured: 2 models x 3 variants x 2 bases.
+const TRAIN_CONFIGS: usize = 12;
+
+/// The training rows; `only` picks one configuration (0..TRAIN_CONFIGS, in the order printed).
+fn training_cases(only: Option<usize>) -> Vec<Row> {
     use trainer::kernels::MatmulPrecision;
     use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
     use trainer::model::Nf4Options;
     use trainer::train::{optimizer_step, AdamW, AdamWConfig, MicroBatch, Schedule, ScheduleKind, StepSettings};
     let mut rows = Vec::new();
     for moe in [false, true] {
+        if only.is_some_and(|o| o / 6 != usize::from(moe)) {
+            continue;
+        }
         let mut json = serde_json::json!({
             "model_type": if moe { "mixtral" } else { "mistral" }, "vocab_size": 32000, "hidden_size": 512,
             "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
@@ -449,8 +456,12 @@ fn training_cases() -> Vec<Row> {
         // with checkpointing, each on an f32 and an NF4 base.
         let variants =
             [(false, MatmulPrecision::Highest), (true, MatmulPrecision::Highest), (true, MatmulPrecision::Medium)];
-        for (checkpointing, precision) in variants {
+        for (v, (checkpointing, precision)) in variants.into_iter().enumerate() {
             for nf4 in [false, true] {
+                let index = usize::from(moe) * 6 + v * 2 + usize::from(nf4);
+                if only.is_some_and(|o| o != index) {
+                    continue;
+                }
                 trainer::kernels::set_matmul_precision(precision);
                 trainer::system::reset_peak_rss();
                 let opts = LoadOptions { nf4: nf4.then(Nf4Options::qlora), ..LoadOptions::default() };
@@ -713,7 +724,7 @@ fn run_case(case: &str) -> Vec<Row> {
         "generate" => generate_case(),
         "nf4" => nf4_case(),
         "frozen-linear" => frozen_linear_case(),
-        "train" => training_cases(),
+        "train" => training_cases(train_config()),
         _ => mistral_7b_2layer_case(),
     }
 }
@@ -725,9 +736,24 @@ const ROW_LINE: &str = "speed-row\t";
 /// is its own: memory an earlier case freed stays resident in the allocator and would count again. Its
 /// output passes through; runs the case here when the process cannot be started.
 fn run_case_process(case: &str) -> Vec<Row> {
+    if case == "train" {
+        // One process per configuration: the allocator keeps what a configuration freed, so a shared
+        // process would carry one configuration's peak into the next.
+        return (0..TRAIN_CONFIGS).flat_map(|i| run_process(case, &[format!("--train-config={i}")])).collect();
+    }
+    run_process(case, &[])
+}
+
+/// The `--train-config=N` argument of a case process.
+fn train_config() -> Option<usize> {
+    std::env::args().find_map(|a| a.strip_prefix("--train-config=").and_then(|n| n.parse().ok()))
+}
+
+/// Runs `case` in a child process of this benchmark with extra arguments and collects its rows.
+fn run_process(case: &str, extra: &[String]) -> Vec<Row> {
     use std::io::BufRead;
     let child = std::env::current_exe().and_then(|exe| {
-        Command::new(exe).args([case, "--case-process"]).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()
+        Command::new(exe).args([case, "--case-process"]).args(extra).stdin(Stdio::null()).stdout(Stdio::piped()).spawn()
     });
     let mut child = match child {
         Ok(c) => c,

@@ -1074,6 +1074,14 @@ max_steps = 100
         assert_eq!(e.to_string(), "recipe.toml:6: `lora.r`: expected a non-negative integer, found integer `-8`");
         let e = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nschedule = \"cosin\""), &[]).unwrap_err();
         assert_eq!(e.to_string(), "recipe.toml:16: `train.schedule`: unknown value `cosin`; expected one of constant, linear, cosine (did you mean `cosine`?)");
+        let e =
+            parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nmatmul_precision = \"low\""), &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "recipe.toml:16: `train.matmul_precision`: unknown value `low`; expected one of highest, medium"
+        );
+        let r = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nmatmul_precision = \"medium\""), &[]).unwrap();
+        assert_eq!(r.train.matmul_precision, MatmulPrecision::Medium);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
+use super::parallel::SharedMut;
+
 /// Rows of C per register tile.
 const MR: usize = 12;
 /// Columns of C per register tile (two zmm vectors).
@@ -97,16 +99,31 @@ fn product<T: Tile>(
         return Ok(());
     }
     let (m, n) = (a.rows, b.cols);
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let c_ptr = SharedMut(c.as_mut_ptr());
     // SAFETY: the views are in bounds (checked by `prepare`) and `c` covers `m` rows of `n` values at
     // stride `ldc`; the threads below write disjoint row or column ranges of `c`.
     unsafe {
-        if !(T::available() && a.rows >= MR && a.rows * a.cols * b.cols >= SMALL) {
-            fallback(a, b, c_ptr.0, ldc, accumulate);
+        let big = a.rows * a.cols * b.cols >= SMALL;
+        if !(T::available() && a.rows >= MR && big) {
+            let pool = candle_core::utils::barrier_pool();
+            let threads = pool.n_workers() + 1;
+            if !(parallel && big && n >= threads * NR) {
+                fallback(a, b, c_ptr.ptr(), ldc, accumulate);
+                return Ok(());
+            }
+            // Few rows (decoding): `gemm` on each thread's share of the columns.
+            let span = n.div_ceil(threads).next_multiple_of(NR);
+            pool.execute(|tid| {
+                let (lo, hi) = (tid * span, ((tid + 1) * span).min(n));
+                if lo < hi {
+                    let b_part = MatRef { data: &b.data[lo * b.col_stride..], cols: hi - lo, ..b };
+                    fallback(a, b_part, c_ptr.ptr().add(lo), ldc, accumulate);
+                }
+            });
             return Ok(());
         }
         if !parallel {
-            blocked::<T>(a, b, c_ptr.0, ldc, accumulate);
+            blocked::<T>(a, b, c_ptr.ptr(), ldc, accumulate);
             return Ok(());
         }
         let pool = candle_core::utils::barrier_pool();
@@ -116,17 +133,16 @@ fn product<T: Tile>(
         let span =
             if by_rows { m.div_ceil(threads).next_multiple_of(MR) } else { n.div_ceil(threads).next_multiple_of(NR) };
         pool.execute(|tid| {
-            let c = c_ptr;
             let (lo, hi) = (tid * span, ((tid + 1) * span).min(if by_rows { m } else { n }));
             if lo >= hi {
                 return;
             }
             if by_rows {
                 let a_part = MatRef { data: &a.data[lo * a.row_stride..], rows: hi - lo, ..a };
-                blocked::<T>(a_part, b, c.0.add(lo * ldc), ldc, accumulate);
+                blocked::<T>(a_part, b, c_ptr.ptr().add(lo * ldc), ldc, accumulate);
             } else {
                 let b_part = MatRef { data: &b.data[lo * b.col_stride..], cols: hi - lo, ..b };
-                blocked::<T>(a, b_part, c.0.add(lo), ldc, accumulate);
+                blocked::<T>(a, b_part, c_ptr.ptr().add(lo), ldc, accumulate);
             }
         });
     }
@@ -158,14 +174,6 @@ fn prepare(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize, accumulate: 
     }
     Ok(true)
 }
-
-/// A raw pointer that may cross to the pool's threads (each writes its own part of C).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to hand disjoint parts of one output buffer to the pool's threads.
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
 
 /// Whether this CPU runs the AVX-512 kernel.
 fn avx512_available() -> bool {
@@ -561,7 +569,9 @@ mod tests {
     #[test]
     fn matches_a_float64_reference_on_every_layout_and_edge() {
         // Shapes that exercise partial tiles, several K and N blocks, both thread splits and the fallback.
-        for &(m, k, n) in &[(1, 7, 5), (13, 300, 33), (100, 513, 70), (25, 64, 1100), (200, 40, 48), (12, 260, 600)] {
+        for &(m, k, n) in
+            &[(1, 7, 5), (2, 300, 1100), (13, 300, 33), (100, 513, 70), (25, 64, 1100), (200, 40, 48), (12, 260, 600)]
+        {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 let av = values(m * k, 1);
                 let bv = values(k * n, 2);
@@ -594,8 +604,10 @@ mod tests {
                 let (ar, br) = (round(&av), round(&bv));
                 let a = if ta { MatRef::row_major(&av, k, m).t() } else { MatRef::row_major(&av, m, k) };
                 let b = if tb { MatRef::row_major(&bv, n, k).t() } else { MatRef::row_major(&bv, k, n) };
-                let a_r = MatRef { data: &ar, ..a };
-                let b_r = MatRef { data: &br, ..b };
+                // Without AVX-512 BF16 the product stays in f32.
+                let rounded = Bf16Tile::available();
+                let a_r = MatRef { data: if rounded { &ar } else { &av }, ..a };
+                let b_r = MatRef { data: if rounded { &br } else { &bv }, ..b };
                 let want = reference(a_r, b_r);
                 let mut c = vec![0f32; m * n];
                 bf16_gemm(a, b, &mut c, n, false).expect("bf16 gemm");
