@@ -8,7 +8,7 @@
 //! quantize/dequantize of a 4096x14336 weight), `frozen-linear` (512 tokens through a 4096x4096
 //! frozen linear, forward and input-gradient backward, dense and NF4, against candle's plain matmul
 //! that also computes the weight gradient), `mistral-7b-2layer` (Mistral-7B-shaped model with 2 layers
-//! loaded in NF4, one QLoRA training step at 512 tokens: peak RSS against the NF4 model plus
+//! loaded in NF4, one QLoRA training step at 512 tokens after a warm-up step: peak RSS against the NF4 model plus
 //! activations, and the NF4 bits per parameter of the linear weights), `train` (the peer's shapes:
 //! Mistral- and Mixtral-shaped, hidden 512, intermediate 1536, 4 layers, 8/2 heads, vocab 32000,
 //! batch 4 x 256, LoRA r=8 on all linears, with and without checkpointing, f32 and NF4 bases).
@@ -362,10 +362,18 @@ fn mistral_7b_2layer_case() -> Vec<Row> {
     let scaling = LossScaling { label_tokens: tokens - 1, aux_coef: 0.0, aux_weight: 1.0 };
     let rss_ready = trainer::system::rss_bytes();
     let phase_reset = trainer::system::reset_peak_rss();
+    // One warm-up step (first-touch page faults, per-thread buffers), then the timed one, as the peer does.
+    forward_backward(&model, &params, &mb, &scaling, true).expect("warm-up step");
     let t = Instant::now();
     let out = forward_backward(&model, &params, &mb, &scaling, true).expect("step");
     let step_secs = t.elapsed().as_secs_f64();
     let peak = peak_rss_bytes();
+    // The same step with bf16 products of the frozen base (matmul precision "medium").
+    trainer::kernels::set_matmul_precision(trainer::kernels::MatmulPrecision::Medium);
+    let t = Instant::now();
+    forward_backward(&model, &params, &mb, &scaling, true).expect("bf16-matmul step");
+    let bf16_secs = t.elapsed().as_secs_f64();
+    trainer::kernels::set_matmul_precision(trainer::kernels::MatmulPrecision::Highest);
     // Counted as in the training cases: 6N with checkpointing, lm_head 4x, attention, LoRA.
     let flops = lora_step_flops_per_token(&config, tokens, 8, true) * tokens as f64;
     let nf4_model = linear_bytes as f64 + other_bytes;
@@ -394,6 +402,11 @@ fn mistral_7b_2layer_case() -> Vec<Row> {
         gib(rss_loaded),
         gib(rss_ready),
     );
+    println!(
+        "7b-2layer the same step with bf16-matmul: {bf16_secs:.1}s ({:.1} tok/s, {:.1} GFLOP/s)",
+        tokens as f64 / bf16_secs,
+        flops / bf16_secs / 1e9
+    );
     if let (Some(extra), Some(p)) = (step_extra, peak) {
         let budget = 1.5 * (nf4_model + extra);
         println!(
@@ -408,15 +421,25 @@ fn mistral_7b_2layer_case() -> Vec<Row> {
         );
     }
     // The peer reports its step's peak the same way (reset after loading), falling back to the process peak.
-    vec![Row::new(
-        "mistral-7b-2layer NF4 QLoRA step, 512 tokens, ckpt",
-        "tok/s",
-        tokens as f64 / step_secs,
-        &[("case", json!("mistral-7b-2layer"))],
-    )
-    .gflops(flops / step_secs / 1e9)
-    .rss(if phase_reset { peak } else { None })
-    .peer_fields("tokens_per_s", "step_peak_rss_bytes")]
+    vec![
+        Row::new(
+            "mistral-7b-2layer NF4 QLoRA step, 512 tokens, ckpt",
+            "tok/s",
+            tokens as f64 / step_secs,
+            &[("case", json!("mistral-7b-2layer"))],
+        )
+        .gflops(flops / step_secs / 1e9)
+        .rss(if phase_reset { peak } else { None })
+        .peer_fields("tokens_per_s", "step_peak_rss_bytes"),
+        Row::new(
+            "mistral-7b-2layer NF4 QLoRA step, 512 tokens, ckpt, bf16-matmul",
+            "tok/s",
+            tokens as f64 / bf16_secs,
+            &[("case", json!("mistral-7b-2layer"))],
+        )
+        .gflops(flops / bf16_secs / 1e9)
+        .peer_fields("tokens_per_s", "step_peak_rss_bytes"),
+    ]
 }
 
 /// Training tokens/s at the reference peer's shapes (see ../shared/notes/performance.md).

@@ -42,3 +42,13 @@ pub fn tune_process() {
         std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
     }
 }
+
+/// Returns the allocator's free memory to the OS (after loading, whose temporary buffers
+/// [`tune_process`] would otherwise keep resident). A no-op off glibc.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

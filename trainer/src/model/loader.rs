@@ -210,7 +210,10 @@ impl TensorSource<'_> {
 pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let config = ModelConfig::from_path(dir)?;
     let ckpt = Checkpoint::open(dir)?;
-    load_from_checkpoint(config, &ckpt, opts)
+    let loaded = load_from_checkpoint(config, &ckpt, opts);
+    // Loading converted tensors one at a time; give those buffers back to the OS.
+    crate::system::release_free_memory();
+    loaded
 }
 
 /// Loads the weights of an opened checkpoint for a given configuration.

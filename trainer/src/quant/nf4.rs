@@ -466,7 +466,8 @@ impl Nf4Weight {
         let start = rows.start * cols;
         // Chunks of whole blocks (relative to the flat start) so each chunk computes its scales once.
         let chunk = (self.blocksize * 256).max(cols);
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, dst)| self.dequantize_flat(start + i * chunk, dst));
+        // On candle's pool (the one the products run on), not rayon's.
+        crate::kernels::parallel::for_spans_mut(out, chunk, |at, dst| self.dequantize_flat(start + at, dst));
         Ok(())
     }
 

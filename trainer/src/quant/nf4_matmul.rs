@@ -11,8 +11,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use std::sync::Arc;
 
-/// Scratch floats per dequantized tile (4 MiB): 256 rows of a 4096-column weight.
-pub const TILE_FLOATS: usize = 1 << 20;
+/// Scratch floats per dequantized tile (64 MiB): 4096 rows of a 4096-column weight, so that packing the
+/// input once per tile is small next to the tile's product.
+pub const TILE_FLOATS: usize = 1 << 24;
 
 /// Which product [`Nf4MatMul`] computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,14 +34,24 @@ fn tile_rows(w: &Nf4Weight) -> usize {
 fn for_each_tile(w: &Nf4Weight, mut f: impl FnMut(usize, usize, &[f32]) -> crate::Result<()>) -> crate::Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
     let tile = tile_rows(w);
-    let mut scratch = vec![0f32; tile * cols];
-    for r0 in (0..rows).step_by(tile) {
+    // The scratch is kept per thread between calls (every value is overwritten before it is read).
+    let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if scratch.len() < tile * cols {
+        scratch.resize(tile * cols, 0.0);
+    }
+    let result = (0..rows).step_by(tile).try_for_each(|r0| {
         let r1 = (r0 + tile).min(rows);
         let t = &mut scratch[..(r1 - r0) * cols];
         w.dequantize_rows(r0..r1, t)?;
-        f(r0, r1, t)?;
-    }
-    Ok(())
+        f(r0, r1, t)
+    });
+    SCRATCH.with(|s| *s.borrow_mut() = scratch);
+    result
+}
+
+thread_local! {
+    /// The dequantized tile, reused between products.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `y [m, rows] = x [m, cols] W^T`, all row-major. Errors when the slices do not match the sizes.
