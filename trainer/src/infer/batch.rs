@@ -49,17 +49,7 @@ impl Sequence {
     /// Checks `request` against `model` (and `tokenizer`, needed for stop strings) like [`generate`](super::generate)
     /// does, and makes an empty sequence for it.
     pub fn new(model: &Model, tokenizer: Option<&ModelTokenizer>, request: GenerateRequest) -> Result<Self> {
-        request.sampling.validate().map_err(Error::Invalid)?;
-        if request.prompt_ids.is_empty() {
-            return Err(Error::Invalid("the prompt is empty".into()));
-        }
-        if !request.stop_strings.is_empty() && tokenizer.is_none() {
-            return Err(Error::Invalid("stop strings need a tokenizer".into()));
-        }
-        let vocab = model.config.vocab_size;
-        if let Some(bad) = request.prompt_ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::Invalid(format!("prompt token id {bad} is outside the vocabulary (0..{vocab})")));
-        }
+        request.check(model, tokenizer)?;
         Ok(Sequence {
             rng: Rng::new(request.seed),
             cache: KvCache::new(model.config.num_layers, model.config.sliding_window),

@@ -105,6 +105,25 @@ impl TextStream<'_> {
     }
 }
 
+impl GenerateRequest {
+    /// Checks the request against `model` (and `tokenizer`, needed for stop strings): valid sampling
+    /// settings, a non-empty prompt of in-vocabulary ids.
+    pub fn check(&self, model: &Model, tokenizer: Option<&ModelTokenizer>) -> Result<()> {
+        self.sampling.validate().map_err(Error::Invalid)?;
+        if self.prompt_ids.is_empty() {
+            return Err(Error::Invalid("the prompt is empty".into()));
+        }
+        if !self.stop_strings.is_empty() && tokenizer.is_none() {
+            return Err(Error::Invalid("stop strings need a tokenizer".into()));
+        }
+        let vocab = model.config.vocab_size;
+        if let Some(bad) = self.prompt_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Invalid(format!("prompt token id {bad} is outside the vocabulary (0..{vocab})")));
+        }
+        Ok(())
+    }
+}
+
 /// Generates from `model`; `on_text` receives the text as it becomes final (needs `tokenizer`).
 pub fn generate(
     model: &Model,
@@ -112,17 +131,7 @@ pub fn generate(
     request: &GenerateRequest,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation> {
-    request.sampling.validate().map_err(Error::Invalid)?;
-    if request.prompt_ids.is_empty() {
-        return Err(Error::Invalid("the prompt is empty".into()));
-    }
-    if !request.stop_strings.is_empty() && tokenizer.is_none() {
-        return Err(Error::Invalid("stop strings need a tokenizer".into()));
-    }
-    let vocab = model.config.vocab_size;
-    if let Some(bad) = request.prompt_ids.iter().find(|&&id| id as usize >= vocab) {
-        return Err(Error::Invalid(format!("prompt token id {bad} is outside the vocabulary (0..{vocab})")));
-    }
+    request.check(model, tokenizer)?;
     let mut rng = Rng::new(request.seed);
     let mut cache = KvCache::new(model.config.num_layers, model.config.sliding_window);
     let mut context = request.prompt_ids.clone();

@@ -14,8 +14,8 @@
 
 use super::parallel::{for_chunks, SharedMut};
 use super::sgemm::{sgemm_serial, MatRef};
+use super::storage::contiguous_f32;
 use super::vmath;
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -57,13 +57,6 @@ impl Dims {
     }
 }
 
-/// A contiguous f32 CPU slice of a storage.
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else { bail!("attention: {what} must be f32, found {:?}", storage.dtype()) };
-    let Some((a, b)) = layout.contiguous_offsets() else { bail!("attention: {what} must be contiguous") };
-    Ok(&data[a..b])
-}
-
 impl FusedAttention {
     /// Attention of `q`, `k`, `v` (see the type) with an optional additive mask, differentiable in all three.
     pub fn apply(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
@@ -94,7 +87,7 @@ impl FusedAttention {
         let mask = mask.contiguous()?;
         let (storage, layout) = mask.storage_and_layout();
         let Storage::Cpu(storage) = &*storage else { bail!("attention: the mask must be on the CPU") };
-        let values = slice(storage, layout, "the mask")?;
+        let values = contiguous_f32(storage, layout, "attention")?;
         let per_row = dims.t * dims.s;
         let rows = values.len() / per_row.max(1);
         if rows * per_row != values.len() || (rows != 1 && rows != dims.b) {
@@ -152,7 +145,11 @@ impl CustomOp3 for FusedAttention {
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = Self::dims(ql, kl, vl)?;
-        let (q, k, v) = (slice(qs, ql, "q")?, slice(ks, kl, "k")?, slice(vs, vl, "v")?);
+        let (q, k, v) = (
+            contiguous_f32(qs, ql, "attention")?,
+            contiguous_f32(ks, kl, "attention")?,
+            contiguous_f32(vs, vl, "attention")?,
+        );
         let Dims { b, heads, kv_heads, t, s, d } = dims;
         let groups = dims.groups();
         // The query heads sharing a key/value head are contiguous: one [groups * t, d] block of rows.
@@ -228,7 +225,7 @@ impl CustomOp3 for FusedAttention {
         let mut views = Vec::with_capacity(5);
         for ((storage, layout), what) in guards.iter().zip(["q", "k", "v", "the output", "the gradient"]) {
             let Storage::Cpu(storage) = &**storage else { bail!("attention: {what} must be on the CPU") };
-            views.push((slice(storage, layout, what)?, *layout));
+            views.push((contiguous_f32(storage, layout, "attention")?, *layout));
         }
         let dims = Self::dims(views[0].1, views[1].1, views[2].1)?;
         let Dims { b, heads, kv_heads, t, s, d } = dims;

@@ -5,7 +5,7 @@
 
 use super::precision::frozen_gemm;
 use super::sgemm::MatRef;
-use candle_core::backend::BackendStorage;
+use super::storage::{contiguous_f32, matrix_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape};
 
 /// Which product [`DenseLinear`] computes.
@@ -22,14 +22,6 @@ pub enum DenseProduct {
 #[derive(Debug, Clone, Copy)]
 pub struct DenseLinear(pub DenseProduct);
 
-/// The 2-D strided view of a layout over `data`; errors unless the layout is 2-D.
-fn matrix<'a>(data: &'a [f32], layout: &Layout, what: &str) -> candle_core::Result<MatRef<'a>> {
-    let (&[rows, cols], &[rs, cs]) = (layout.dims(), layout.stride()) else {
-        bail!("dense linear: {what} must be 2-D, found {:?}", layout.dims())
-    };
-    Ok(MatRef { data: &data[layout.start_offset()..], rows, cols, row_stride: rs, col_stride: cs })
-}
-
 impl CustomOp2 for DenseLinear {
     fn name(&self) -> &'static str {
         match self.0 {
@@ -45,11 +37,8 @@ impl CustomOp2 for DenseLinear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xd), CpuStorage::F32(wd)) = (xs, ws) else {
-            bail!("{}: f32 operands expected, found {:?} and {:?}", self.name(), xs.dtype(), ws.dtype())
-        };
-        let Some((start, end)) = xl.contiguous_offsets() else { bail!("{}: contiguous input expected", self.name()) };
-        let w = matrix(wd, wl, "the weight")?;
+        let x_all = contiguous_f32(xs, xl, self.name())?;
+        let w = matrix_f32(ws, wl, self.name())?;
         let w = match self.0 {
             DenseProduct::Forward => w.t(),
             DenseProduct::InputGrad => w,
@@ -59,8 +48,8 @@ impl CustomOp2 for DenseLinear {
         if k != w.rows {
             bail!("{}: input {dims:?} does not end in {}", self.name(), w.rows)
         }
-        let m = (end - start) / k.max(1);
-        let x = MatRef::row_major(&xd[start..end], m, k);
+        let m = x_all.len() / k.max(1);
+        let x = MatRef::row_major(x_all, m, k);
         let mut out = vec![0f32; m * w.cols];
         frozen_gemm(x, w, &mut out, w.cols, false).map_err(candle_core::Error::Msg)?;
         let mut out_dims = dims.to_vec();

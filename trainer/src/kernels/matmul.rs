@@ -2,9 +2,9 @@
 //! transposed views cost no copy). Used for the small trainable products (LoRA, trainable weights) so
 //! they run on the same threads as everything else instead of waking a second pool.
 
-use super::sgemm::{sgemm, MatRef};
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use super::sgemm::sgemm;
+use super::storage::matrix_f32;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// `a [m, k] b [k, n] -> [m, n]`; gradients `dA = dC B^T`, `dB = A^T dC`.
 #[derive(Debug, Clone, Copy)]
@@ -19,15 +19,6 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// The strided 2-D view of a layout over an f32 storage.
-fn view<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<MatRef<'a>> {
-    let CpuStorage::F32(data) = storage else { bail!("matmul: f32 operands expected, found {:?}", storage.dtype()) };
-    let (&[rows, cols], &[rs, cs]) = (layout.dims(), layout.stride()) else {
-        bail!("matmul: 2-D operands expected, found {:?}", layout.dims())
-    };
-    Ok(MatRef { data: &data[layout.start_offset()..], rows, cols, row_stride: rs, col_stride: cs })
-}
-
 impl CustomOp2 for MatMul {
     fn name(&self) -> &'static str {
         "matmul"
@@ -40,7 +31,7 @@ impl CustomOp2 for MatMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (view(s1, l1)?, view(s2, l2)?);
+        let (a, b) = (matrix_f32(s1, l1, "matmul")?, matrix_f32(s2, l2, "matmul")?);
         let mut out = vec![0f32; a.rows * b.cols];
         sgemm(a, b, &mut out, b.cols, false).map_err(candle_core::Error::Msg)?;
         Ok((CpuStorage::F32(out), Shape::from((a.rows, b.cols))))

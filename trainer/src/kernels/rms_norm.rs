@@ -3,7 +3,7 @@
 //! `n = x * inv`, and `dw = sum over rows of dy n` (only when `w` takes a gradient).
 
 use super::parallel::{for_chunks, for_rows_mut};
-use candle_core::backend::BackendStorage;
+use super::storage::contiguous_f32;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
@@ -20,13 +20,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<
         return Ok(None);
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 }).map(Some)
-}
-
-/// A contiguous f32 slice of a CPU storage.
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { bail!("rms-norm: f32 expected, found {:?}", s.dtype()) };
-    let Some((a, b)) = l.contiguous_offsets() else { bail!("rms-norm: contiguous operands expected") };
-    Ok(&v[a..b])
 }
 
 /// `1 / sqrt(mean(row^2) + eps)`.
@@ -47,7 +40,7 @@ impl CustomOp2 for RmsNormOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (values(xs, xl)?, values(ws, wl)?);
+        let (x, w) = (contiguous_f32(xs, xl, "rms-norm")?, contiguous_f32(ws, wl, "rms-norm")?);
         let h = w.len();
         if xl.dims().last() != Some(&h) {
             bail!("rms-norm: input {:?} does not end in the scale's {h}", xl.dims())
@@ -76,7 +69,7 @@ impl CustomOp2 for RmsNormOp {
         let mut views = Vec::with_capacity(3);
         for (storage, layout) in &guards {
             let Storage::Cpu(s) = &**storage else { bail!("rms-norm: CPU tensors expected") };
-            views.push(values(s, layout)?);
+            views.push(contiguous_f32(s, layout, "rms-norm")?);
         }
         let (xv, wv, dy) = (views[0], views[1], views[2]);
         let h = wv.len();

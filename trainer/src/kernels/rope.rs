@@ -4,8 +4,9 @@
 //! runs a transpose copy, two narrows, a negation, a concatenation, two products and a sum).
 
 use super::parallel::for_rows_mut;
+use super::storage::with_contiguous_f32;
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 /// The op: `cos`/`sin` are `[b, 1, t, d]` f32 CPU tables (one row per token).
 #[derive(Debug, Clone)]
@@ -16,14 +17,6 @@ pub struct RopeTranspose {
     pub sin: Tensor,
     /// `false`: rotate `[b, t, h, d] -> [b, h, t, d]`; `true`: the backward, `[b, h, t, d] -> [b, t, h, d]`.
     pub backward: bool,
-}
-
-/// A contiguous f32 CPU slice of a tensor, read inside `f`.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else { bail!("rope: f32 CPU tables expected") };
-    let Some((a, b)) = layout.contiguous_offsets() else { bail!("rope: contiguous tables expected") };
-    f(&v[a..b])
 }
 
 impl CustomOp1 for RopeTranspose {
@@ -45,8 +38,8 @@ impl CustomOp1 for RopeTranspose {
         let half = d / 2;
         let (cos, sin) = (self.cos.contiguous()?, self.sin.contiguous()?);
         let mut out = vec![0f32; x.len()];
-        with_values(&cos, |cos| {
-            with_values(&sin, |sin| {
+        with_contiguous_f32(&cos, "rope", |cos| {
+            with_contiguous_f32(&sin, "rope", |sin| {
                 if cos.len() != b * t * d || sin.len() != b * t * d {
                     bail!("rope: tables hold {} values, {b}x{t}x{d} needed", cos.len())
                 }

@@ -2,8 +2,8 @@
 //! `silu'(g) = s (1 + g (1 - s))` with `s = sigmoid(g)`), rows spread over the CPU pool.
 
 use super::parallel::{for_spans_mut, SharedMut};
+use super::storage::{contiguous_f32, with_contiguous_f32};
 use super::vmath;
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// Values per task of the parallel split.
@@ -22,20 +22,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
 #[derive(Debug, Clone, Copy)]
 pub struct SwiGlu;
 
-/// A contiguous f32 CPU slice.
-fn values<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { bail!("swiglu: f32 expected, found {:?}", s.dtype()) };
-    let Some((a, b)) = l.contiguous_offsets() else { bail!("swiglu: contiguous operands expected") };
-    Ok(&v[a..b])
-}
-
-/// Reads a contiguous f32 CPU tensor.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*storage else { bail!("swiglu: CPU tensors expected") };
-    f(values(s, layout)?)
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -48,7 +34,7 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = (values(gs, gl)?, values(us, ul)?);
+        let (g, u) = (contiguous_f32(gs, gl, "swiglu")?, contiguous_f32(us, ul, "swiglu")?);
         if g.len() != u.len() {
             bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())
         }
@@ -73,9 +59,9 @@ impl CustomOp2 for SwiGlu {
         let (gate, up, grad) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
         let n = gate.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-        with_values(&gate, |g| {
-            with_values(&up, |u| {
-                with_values(&grad, |dy| {
+        with_contiguous_f32(&gate, "swiglu", |g| {
+            with_contiguous_f32(&up, "swiglu", |u| {
+                with_contiguous_f32(&grad, "swiglu", |dy| {
                     let du_ptr = SharedMut(du.as_mut_ptr());
                     for_spans_mut(&mut dg, SPAN, |at, dg| {
                         // SAFETY: the same span of `du` as of `dg`, owned by this call alone.

@@ -1,0 +1,32 @@
+//! Reading f32 CPU storage inside candle ops: the checks every kernel makes before touching the values.
+
+use super::sgemm::MatRef;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Storage, Tensor};
+
+/// The values of a contiguous f32 layout; `op` names the caller in errors.
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { bail!("{op}: f32 operands expected, found {:?}", storage.dtype()) };
+    let Some((start, end)) = layout.contiguous_offsets() else { bail!("{op}: contiguous operands expected") };
+    Ok(&data[start..end])
+}
+
+/// Calls `f` with the values of a contiguous f32 tensor on the CPU.
+pub(crate) fn with_contiguous_f32<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else { bail!("{op}: CPU tensors expected") };
+    f(contiguous_f32(storage, layout, op)?)
+}
+
+/// The strided 2-D view of an f32 layout (any strides); errors unless it is 2-D.
+pub(crate) fn matrix_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<MatRef<'a>> {
+    let CpuStorage::F32(data) = storage else { bail!("{op}: f32 operands expected, found {:?}", storage.dtype()) };
+    let (&[rows, cols], &[rs, cs]) = (layout.dims(), layout.stride()) else {
+        bail!("{op}: 2-D operands expected, found {:?}", layout.dims())
+    };
+    Ok(MatRef { data: &data[layout.start_offset()..], rows, cols, row_stride: rs, col_stride: cs })
+}
