@@ -501,7 +501,8 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
                     total_steps: 10,
                     min_lr_ratio: 0.0,
                 };
-                let settings = StepSettings { aux_coef: 0.02, max_grad_norm: 1.0, checkpointing };
+                let settings =
+                    StepSettings { aux_coef: 0.02, max_grad_norm: 1.0, checkpointing, activation_budget: None };
                 let ids: Vec<u32> = (0..(b * t) as u32).map(|i| 3 + (i * 7919) % 31000).collect();
                 let mb = MicroBatch {
                     batch: b,

@@ -333,6 +333,11 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// Recompute each layer's activations in the backward pass (saves memory). Default true.
     pub gradient_checkpointing: bool,
+    /// With checkpointing: GiB of activations per micro-batch that may be kept instead of recomputed (as
+    /// many of the last layers as fit, by an estimate of each layer's activations). Unset (the default):
+    /// every layer is recomputed. Trades memory for the ~25% a full recompute costs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub activation_memory_gib: Option<f64>,
     /// Precision of the frozen base's matrix products: `highest` (f32) or `medium` (bf16 operands,
     /// f32 accumulation: about 2x faster on CPUs with AVX-512 BF16). Default `highest`.
     pub matmul_precision: MatmulPrecision,
@@ -359,6 +364,7 @@ impl Default for TrainSection {
             eps: 1e-8,
             max_grad_norm: 1.0,
             gradient_checkpointing: true,
+            activation_memory_gib: None,
             matmul_precision: MatmulPrecision::Highest,
             router_aux_coef: None,
         }
@@ -736,6 +742,17 @@ impl Recipe {
                 format!("must be at least 0; 0 turns clipping off (got {})", t.max_grad_norm),
             );
         }
+        if let Some(g) = t.activation_memory_gib {
+            if !non_negative(g) {
+                return err("train.activation_memory_gib", format!("must be at least 0 GiB (got {g})"));
+            }
+            if !t.gradient_checkpointing {
+                return err(
+                    "train.activation_memory_gib",
+                    "applies to gradient checkpointing; set train.gradient_checkpointing = true or remove it",
+                );
+            }
+        }
         if t.router_aux_coef.is_some_and(|c| !non_negative(c)) {
             return err("train.router_aux_coef", "must be at least 0 (0 turns the load-balancing loss off)");
         }
@@ -1082,6 +1099,11 @@ max_steps = 100
         );
         let r = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nmatmul_precision = \"medium\""), &[]).unwrap();
         assert_eq!(r.train.matmul_precision, MatmulPrecision::Medium);
+        let r = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nactivation_memory_gib = 1.5"), &[]).unwrap();
+        assert_eq!(r.train.activation_memory_gib, Some(1.5));
+        let e =
+            parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nactivation_memory_gib = -1.0"), &[]).unwrap_err();
+        assert!(e.to_string().contains("`train.activation_memory_gib`: must be at least 0 GiB"), "{e}");
     }
 
     #[test]

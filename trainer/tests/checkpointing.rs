@@ -8,7 +8,7 @@ use common::{max_abs, max_abs_diff, model_dir, Golden};
 use trainer::infer::Rng;
 use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings, RouterMode, TrainableParams};
 use trainer::model::{load_model, LoadOptions, Model};
-use trainer::train::{forward_backward, LossScaling, MicroBatch};
+use trainer::train::{forward_backward, forward_backward_keeping, LossScaling, MicroBatch, MicroBatchOutput};
 
 fn lora_model(dir: &str, router: RouterMode) -> (Model, TrainableParams) {
     let mut model = load_model(&model_dir(dir), &LoadOptions::default()).unwrap().model;
@@ -73,7 +73,16 @@ fn checkpointed_gradients_equal_full_graph_gradients() {
         let mb = micro_batch(if dir == "tiny-mistral" { "tiny-mistral" } else { "tiny-mixtral" });
         let scaling = LossScaling { label_tokens: 100, aux_coef: 0.02, aux_weight: 0.5 };
         let full = forward_backward(&model, &params, &mb, &scaling, false).unwrap();
-        let ckpt = forward_backward(&model, &params, &mb, &scaling, true).unwrap();
+        // Every layer recomputed, the last one kept, all kept (activation budgets).
+        for keep in [0, 1, 99] {
+            let ckpt = forward_backward_keeping(&model, &params, &mb, &scaling, true, keep).unwrap();
+            compare(dir, router, &params, &full, &ckpt);
+        }
+    }
+}
+
+fn compare(dir: &str, router: RouterMode, params: &TrainableParams, full: &MicroBatchOutput, ckpt: &MicroBatchOutput) {
+    {
         assert_eq!(full.label_tokens, ckpt.label_tokens);
         assert!((full.nll_sum - ckpt.nll_sum).abs() <= 1e-9 * full.nll_sum.abs(), "{dir}: nll differs");
         assert_eq!(full.aux.is_some(), dir == "tiny-mixtral");
@@ -113,4 +122,18 @@ fn the_aux_loss_gradient_reaches_the_router_only_when_on() {
     for load in &out.expert_load {
         assert!((load.iter().sum::<f32>() - 1.0).abs() < 1e-5);
     }
+}
+
+#[test]
+fn the_activation_budget_keeps_whole_layers_from_the_top() {
+    use trainer::train::{layer_activation_bytes, layers_within_budget};
+    let (model, _) = lora_model("tiny-mixtral", RouterMode::Frozen);
+    let c = &model.config;
+    let per_layer = layer_activation_bytes(c, 80);
+    assert!(per_layer > 0);
+    assert_eq!(layer_activation_bytes(c, 160), 2 * per_layer, "linear in tokens");
+    assert_eq!(layers_within_budget(c, 80, 0), 0);
+    assert_eq!(layers_within_budget(c, 80, per_layer - 1), 0);
+    assert_eq!(layers_within_budget(c, 80, per_layer), 1.min(c.num_layers));
+    assert_eq!(layers_within_budget(c, 80, u64::MAX), c.num_layers);
 }

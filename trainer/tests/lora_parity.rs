@@ -180,6 +180,7 @@ fn check_trajectory(name: &str, model_name: &str, kind: ScheduleKind) {
         aux_coef: j["aux_coef"].as_f64().unwrap_or(0.0),
         max_grad_norm: j["clipping"]["max_grad_norm"].as_f64().unwrap(),
         checkpointing: true,
+        activation_budget: None,
     };
     let ids = c.i64s("micro_input_ids");
     let labels = c.i64s("micro_labels");

@@ -18,5 +18,8 @@ pub use optim::{AdamW, AdamWConfig};
 pub use report::{JsonReporter, ProgressReporter, QuietReporter, Reporter, RunSummary};
 pub use run::{run_training, RunOptions};
 pub use schedule::{Schedule, ScheduleKind};
-pub use step::{forward_backward, LossScaling, MicroBatch, MicroBatchOutput};
+pub use step::{
+    forward_backward, forward_backward_keeping, layer_activation_bytes, layers_within_budget, LossScaling, MicroBatch,
+    MicroBatchOutput,
+};
 pub use update::{optimizer_step, StepReport, StepSettings};

@@ -344,8 +344,12 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
     };
     let aux_coef =
         t.router_aux_coef.unwrap_or_else(|| s.model.config.moe.as_ref().map_or(0.0, |m| m.router_aux_loss_coef));
-    let step_settings =
-        StepSettings { aux_coef, max_grad_norm: t.max_grad_norm, checkpointing: t.gradient_checkpointing };
+    let step_settings = StepSettings {
+        aux_coef,
+        max_grad_norm: t.max_grad_norm,
+        checkpointing: t.gradient_checkpointing,
+        activation_budget: t.activation_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+    };
 
     let mut state =
         LoopState { step: 0, data: s.batches.position(), best_eval_loss: None, last_eval_loss: None, tokens: 0 };

@@ -81,6 +81,40 @@ pub fn forward_backward(
     scaling: &LossScaling,
     checkpointing: bool,
 ) -> Result<MicroBatchOutput> {
+    forward_backward_keeping(model, params, mb, scaling, checkpointing, 0)
+}
+
+/// Estimated bytes of the activations one decoder layer keeps for its backward, for `tokens` tokens
+/// (f32; attention inputs, projections, rotated q/k, outputs and residuals; the feed-forward's inputs,
+/// gate, up and product; per visited expert with MoE), with a 25% margin.
+pub fn layer_activation_bytes(config: &crate::model::ModelConfig, tokens: usize) -> u64 {
+    let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
+    let kv = (config.num_kv_heads * config.head_dim) as u64;
+    let attention = 8 * h + 3 * kv;
+    let feed_forward = match &config.moe {
+        Some(moe) => moe.experts_per_token as u64 * (3 * h + 3 * i) + 2 * h,
+        None => 3 * h + 3 * i,
+    };
+    (attention + feed_forward) * 4 * tokens as u64 * 5 / 4
+}
+
+/// How many of the last layers keep their activations (are not recomputed) within `budget` bytes.
+pub fn layers_within_budget(config: &crate::model::ModelConfig, tokens: usize, budget: u64) -> usize {
+    let per_layer = layer_activation_bytes(config, tokens).max(1);
+    ((budget / per_layer) as usize).min(config.num_layers)
+}
+
+/// [`forward_backward`] with checkpointing where the last `keep_last` layers keep their activations
+/// from the forward instead of being recomputed (more memory, less work); without checkpointing every
+/// layer keeps them anyway.
+pub fn forward_backward_keeping(
+    model: &Model,
+    params: &TrainableParams,
+    mb: &MicroBatch,
+    scaling: &LossScaling,
+    checkpointing: bool,
+    keep_last: usize,
+) -> Result<MicroBatchOutput> {
     let (b, t) = (mb.batch, mb.seq_len);
     if mb.input_ids.len() != b * t || mb.labels.len() != b * t {
         candle_core::bail!("micro-batch: {} ids and {} labels for {b} x {t}", mb.input_ids.len(), mb.labels.len());
@@ -109,11 +143,23 @@ pub fn forward_backward(
         let mut h = model.embed(&ids)?.detach();
         let mut inputs = Vec::with_capacity(model.layers.len());
         let mut router_logits = Vec::new();
-        for layer in &model.layers {
+        // The last `keep_last` layers run with their graph attached to their input, kept for the backward.
+        let first_kept = model.layers.len().saturating_sub(keep_last);
+        let mut kept = Vec::with_capacity(model.layers.len());
+        for (l, layer) in model.layers.iter().enumerate() {
             inputs.push(h.clone());
-            let out = layer.forward(&h, &ctx, None)?;
-            h = out.hidden.detach();
-            router_logits.extend(out.router_logits.map(|l| l.detach()));
+            if l >= first_kept {
+                let xin = Var::from_tensor(&h)?;
+                let out = layer.forward(xin.as_tensor(), &ctx, None)?;
+                h = out.hidden.detach();
+                router_logits.extend(out.router_logits.as_ref().map(|l| l.detach()));
+                kept.push(Some((xin, out)));
+            } else {
+                let out = layer.forward(&h, &ctx, None)?;
+                h = out.hidden.detach();
+                router_logits.extend(out.router_logits.map(|l| l.detach()));
+                kept.push(None);
+            }
         }
         let stats = stats_of(&router_logits)?;
         let hv = Var::from_tensor(&h)?;
@@ -139,8 +185,14 @@ pub fn forward_backward(
                 }
                 continue;
             }
-            let xin = Var::from_tensor(input)?;
-            let out = layer.forward(xin.as_tensor(), &ctx, None)?;
+            let (xin, out) = match kept[l].take() {
+                Some(pair) => pair,
+                None => {
+                    let xin = Var::from_tensor(input)?;
+                    let out = layer.forward(xin.as_tensor(), &ctx, None)?;
+                    (xin, out)
+                }
+            };
             let mut objective = match &g {
                 Some(g) => Some((out.hidden * g)?.sum_all()?),
                 None => None,
