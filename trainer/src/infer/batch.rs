@@ -13,12 +13,13 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
-use super::generate::{GenerateRequest, Generation, StopReason};
+use super::generate::{GenerateRequest, Generation, StopReason, TextStream};
 use super::kv_cache::KvCache;
 use super::rng::Rng;
 use super::sampler::sample;
+use crate::model::attention::attend;
 use crate::model::decoder::FeedForward;
 use crate::model::mask::MaskSpec;
 use crate::model::rope::Rotary;
@@ -37,8 +38,8 @@ pub struct Sequence {
     ids: Vec<u32>,
     /// Decoded text so far (cut before a stop string).
     text: String,
-    /// Bytes of `text` already handed to `on_text`.
-    emitted: usize,
+    /// What of `text` was already handed to `on_text`.
+    stream: TextStream,
     stop_reason: Option<StopReason>,
     prefilled: bool,
     started: Option<Instant>,
@@ -56,7 +57,7 @@ impl Sequence {
             context: request.prompt_ids.clone(),
             ids: Vec::new(),
             text: String::new(),
-            emitted: 0,
+            stream: TextStream::default(),
             stop_reason: None,
             prefilled: false,
             started: None,
@@ -157,7 +158,7 @@ impl Sequence {
 
     /// Decodes the visible ids, hands the part that can no longer change to `on_text` (whole characters, nothing
     /// that might still become a stop string) and returns whether a stop string appeared (the text is cut before
-    /// it). The same rules as `generate`'s text stream.
+    /// it), through the same [`TextStream`] as `generate`.
     fn update_text(
         &mut self,
         tokenizer: &ModelTokenizer,
@@ -166,30 +167,7 @@ impl Sequence {
     ) -> Result<bool> {
         let visible =
             if self.stop_reason == Some(StopReason::Eos) { &self.ids[..self.ids.len() - 1] } else { &self.ids };
-        let mut text = tokenizer.decode(visible)?;
-        let stops = &self.request.stop_strings;
-        let mut stopped = false;
-        if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(cut);
-            stopped = true;
-        }
-        let mut stable = text.len();
-        if !finished && !stopped {
-            if text.ends_with('\u{FFFD}') {
-                stable = text.trim_end_matches('\u{FFFD}').len();
-            }
-            let hold = stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
-            stable = stable.saturating_sub(hold);
-            while !text.is_char_boundary(stable) {
-                stable -= 1;
-            }
-        }
-        // Decoding is not always prefix-stable (a byte-fallback sequence completing a character): resume at the
-        // first character boundary at or after what was already emitted.
-        if let Some(from) = (self.emitted..stable).find(|&i| text.is_char_boundary(i)) {
-            on_text(&text[from..stable]);
-            self.emitted = stable;
-        }
+        let (text, stopped) = self.stream.update(tokenizer, &self.request.stop_strings, visible, finished, on_text)?;
         self.text = text;
         Ok(stopped)
     }
@@ -238,7 +216,7 @@ pub fn decode_step(
 /// `caches[i].seen()`). Returns the last-position logits `[n, vocab]` and advances every cache by one token.
 ///
 /// Embedding, norms, linears, experts and lm_head run once over all rows; attention runs per sequence, over its own
-/// cache and at its own position, with the steps of the model's attention for one sequence.
+/// cache and at its own position, through the model's own [`attend`].
 pub fn forward_step(model: &Model, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
     let n = tokens.len();
     if n == 0 {
@@ -277,11 +255,9 @@ pub fn forward_step(model: &Model, tokens: &[u32], caches: &mut [&mut KvCache]) 
     for (l, layer) in model.layers.iter().enumerate() {
         let x = layer.input_layernorm.forward(&h)?;
         let attn = &layer.self_attn;
-        let q = attn.q_proj.forward(&x)?.reshape((n, 1, nh, hd))?.transpose(1, 2)?;
-        let k = attn.k_proj.forward(&x)?.reshape((n, 1, nkv, hd))?.transpose(1, 2)?;
+        let q = rotary.apply_to_heads(&attn.q_proj.forward(&x)?.reshape((n, 1, nh, hd))?)?;
+        let k = rotary.apply_to_heads(&attn.k_proj.forward(&x)?.reshape((n, 1, nkv, hd))?)?;
         let v = attn.v_proj.forward(&x)?.reshape((n, 1, nkv, hd))?.transpose(1, 2)?;
-        let q = rotary.apply(&q)?;
-        let k = rotary.apply(&k)?;
         let mut outs = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
             let (ks, vs) =
@@ -302,27 +278,6 @@ pub fn forward_step(model: &Model, tokens: &[u32], caches: &mut [&mut KvCache]) 
     }
     let hidden = model.norm.forward(&h)?;
     Ok(model.last_logits(&hidden)?)
-}
-
-/// One sequence's attention for its one new token: `q` `[1, heads, 1, head_dim]` (after RoPE) over its cached keys
-/// and values `[1, kv_heads, keys, head_dim]`, giving `[1, 1, heads * head_dim]` for `o_proj`. The same steps as
-/// [`Attention::forward`](crate::model::attention::Attention::forward) takes after its projections for a batch of
-/// one: scores per key/value group, softmax in f32.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let (_, nh, _, hd) = q.dims4()?;
-    let (_, nkv, s, _) = k.dims4()?;
-    let groups = nh / nkv;
-    // Heads g*groups..(g+1)*groups share kv head g, as in HF's repeat_kv.
-    let q = q.contiguous()?.reshape((1, nkv, groups, hd))?;
-    let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.reshape((1, nkv, groups, 1, s))?;
-    let scores = scores.to_dtype(DType::F32)?;
-    let scores = match mask {
-        Some(mask) => scores.broadcast_add(mask)?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
-    let out = probs.reshape((1, nkv, groups, s))?.matmul(v)?;
-    out.reshape((1, nh, 1, hd))?.transpose(1, 2)?.reshape((1, 1, nh * hd))
 }
 
 /// Generates all `requests` together on `model`: each prompt is prefilled alone, then the unfinished sequences

@@ -69,18 +69,27 @@ impl Generation {
 
 /// Tracks decoded text, emitting only what can no longer change (whole characters, and nothing
 /// that might still turn into a stop string).
-struct TextStream<'a> {
-    tokenizer: &'a ModelTokenizer,
-    stops: &'a [String],
+/// Used by [`generate`] and by each sequence of a batch.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TextStream {
+    /// Bytes of the text already handed out.
     emitted: usize,
 }
 
-impl TextStream<'_> {
-    /// Returns the new stable text and whether a stop string was hit (text cut before it).
-    fn update(&mut self, ids: &[u32], finished: bool, on_text: &mut dyn FnMut(&str)) -> Result<(String, bool)> {
-        let mut text = self.tokenizer.decode(ids)?;
+impl TextStream {
+    /// Decodes `ids`, hands the newly stable text to `on_text`, and returns the whole text and whether a
+    /// stop string was hit (the text is cut before it).
+    pub(crate) fn update(
+        &mut self,
+        tokenizer: &ModelTokenizer,
+        stops: &[String],
+        ids: &[u32],
+        finished: bool,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<(String, bool)> {
+        let mut text = tokenizer.decode(ids)?;
         let mut stopped = false;
-        if let Some(cut) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
             text.truncate(cut);
             stopped = true;
         }
@@ -89,7 +98,7 @@ impl TextStream<'_> {
             if text.ends_with('\u{FFFD}') {
                 stable = text.trim_end_matches('\u{FFFD}').len();
             }
-            let hold = self.stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+            let hold = stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
             stable = stable.saturating_sub(hold);
             while !text.is_char_boundary(stable) {
                 stable -= 1;
@@ -136,7 +145,7 @@ pub fn generate(
     let mut cache = KvCache::new(model.config.num_layers, model.config.sliding_window);
     let mut context = request.prompt_ids.clone();
     let mut ids = Vec::new();
-    let mut stream = tokenizer.map(|t| TextStream { tokenizer: t, stops: &request.stop_strings, emitted: 0 });
+    let mut stream = tokenizer.map(|t| (t, TextStream::default()));
     let mut text = String::new();
     let mut stop_reason = StopReason::Length;
     let start = Instant::now();
@@ -156,8 +165,8 @@ pub fn generate(
             stop_reason = StopReason::Eos;
             break;
         }
-        if let Some(stream) = stream.as_mut() {
-            let (t, stopped) = stream.update(&ids, false, on_text)?;
+        if let Some((tok, stream)) = stream.as_mut() {
+            let (t, stopped) = stream.update(tok, &request.stop_strings, &ids, false, on_text)?;
             text = t;
             if stopped {
                 stop_reason = StopReason::StopString;
@@ -166,10 +175,10 @@ pub fn generate(
         }
         next_input = vec![id];
     }
-    if let Some(stream) = stream.as_mut() {
+    if let Some((tok, stream)) = stream.as_mut() {
         let visible = if stop_reason == StopReason::Eos { &ids[..ids.len() - 1] } else { &ids[..] };
         if stop_reason != StopReason::StopString {
-            text = stream.update(visible, true, on_text)?.0;
+            text = stream.update(tok, &request.stop_strings, visible, true, on_text)?.0;
         }
     }
     let total = start.elapsed().as_secs_f64();

@@ -43,7 +43,6 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let groups = nh / nkv;
         let q = rotary.apply_to_heads(&self.q_proj.forward(x)?.reshape((b, t, nh, hd))?)?;
         let k = rotary.apply_to_heads(&self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?)?.contiguous()?;
         let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
@@ -52,24 +51,31 @@ impl Attention {
             Some(cache) => cache.append(k, v)?,
             None => (k, v),
         };
-        if q.dtype() == DType::F32 && q.device().is_cpu() {
-            let out = FusedAttention::apply(&q, &k, &v, mask)?;
-            let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            return self.o_proj.forward(&out);
-        }
-        let s = k.dim(2)?;
-        // Heads g*groups..(g+1)*groups share kv head g, as in HF's repeat_kv.
+        let out = attend(&q, &k, &v, mask)?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Scaled dot-product attention of `q` `[b, heads, t, head_dim]` (after RoPE) over keys and values
+/// `[b, kv_heads, keys, head_dim]` with an additive `mask` `[b|1, 1, 1, t, keys]`, giving
+/// `[b, t, heads * head_dim]` for `o_proj`. Heads `g*groups..(g+1)*groups` share key/value head `g`, as in
+/// HF's `repeat_kv`; the softmax runs in f32. Fused for f32 on the CPU.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let out = if q.dtype() == DType::F32 && q.device().is_cpu() {
+        FusedAttention::apply(q, k, v, mask)?
+    } else {
+        let groups = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, groups * t, hd))?;
-        let scale = (hd as f64).powf(-0.5);
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, groups, t, s))?;
+        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.reshape((b, nkv, groups, t, s))?;
         let scores = scores.to_dtype(DType::F32)?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(x.dtype())?;
-        let out = probs.reshape((b, nkv, groups * t, s))?.matmul(&v)?;
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out)
-    }
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(q.dtype())?;
+        probs.reshape((b, nkv, groups * t, s))?.matmul(v)?.reshape((b, nh, t, hd))?
+    };
+    out.transpose(1, 2)?.reshape((b, t, nh * hd))
 }
