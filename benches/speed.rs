@@ -11,7 +11,8 @@
 //! loaded in NF4, one QLoRA training step at 512 tokens after a warm-up step: peak RSS against the NF4 model plus
 //! activations, and the NF4 bits per parameter of the linear weights), `train` (the peer's shapes:
 //! Mistral- and Mixtral-shaped, hidden 512, intermediate 1536, 4 layers, 8/2 heads, vocab 32000,
-//! batch 4 x 256, LoRA r=8 on all linears, with and without checkpointing, f32 and NF4 bases).
+//! batch 4 x 256, LoRA r=8 on all linears, with and without checkpointing, f32 and NF4 bases, plus
+//! checkpointed with bf16 products of the frozen base, each configuration in its own process).
 //!
 //! The reference peer (transformers + PEFT + bitsandbytes on PyTorch, benches/peer.py) runs the same
 //! cases in the same invocation, right after each of ours, with as many threads as we use; each case then

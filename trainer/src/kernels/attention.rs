@@ -12,7 +12,7 @@
 //! Semantics equal the composed path (and Hugging Face's eager attention): the mask is additive
 //! (`f32::MIN` forbids), the softmax is over all keys of a row in f32.
 
-use super::parallel::{for_chunks, SharedMut};
+use super::parallel::{try_for_chunks, SharedMut};
 use super::sgemm::{sgemm_serial, MatRef};
 use super::storage::contiguous_f32;
 use super::vmath;
@@ -157,9 +157,8 @@ impl CustomOp3 for FusedAttention {
         let mut out = vec![0f32; b * heads * t * d];
         let mut row_stats = vec![0f32; 2 * b * heads * t];
         let (out_ptr, row_stats_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(row_stats.as_mut_ptr()));
-        let failure = Mutex::new(None);
         self.with_mask(dims, |mask| {
-            for_chunks(b * kv_heads, |units| {
+            try_for_chunks(b * kv_heads, |units| {
                 let mut scratch = vec![0f32; BLOCK.min(rows) * s];
                 for unit in units {
                     let (bi, g) = (unit / kv_heads, unit % kv_heads);
@@ -179,32 +178,24 @@ impl CustomOp3 for FusedAttention {
                     for r0 in (0..rows).step_by(BLOCK) {
                         let r1 = (r0 + BLOCK).min(rows);
                         let p = &mut scratch[..(r1 - r0) * s];
-                        let result = self.scores(dims, qh, kg, mask, bi, r0..r1, p).and_then(|_| {
-                            for (i, row) in p.chunks_exact_mut(s).enumerate() {
-                                // Normalized by the sum rather than shifted by m + ln(sum): with every key
-                                // masked, m is f32::MIN and would absorb ln(sum).
-                                let m = vmath::max(row);
-                                let inv = 1.0 / vmath::sum_exp(row, m);
-                                vmath::scaled_exp_in_place(row, m, inv);
-                                lh[2 * (r0 + i)] = m;
-                                lh[2 * (r0 + i) + 1] = inv;
-                            }
-                            let o_blk = &mut oh[r0 * d..r1 * d];
-                            sgemm_serial(MatRef::row_major(p, r1 - r0, s), MatRef::row_major(vg, s, d), o_blk, d, false)
-                                .map_err(candle_core::Error::Msg)
-                        });
-                        if let Err(e) = result {
-                            failure.lock().map(|mut f| *f = Some(e)).ok();
-                            return;
+                        self.scores(dims, qh, kg, mask, bi, r0..r1, p)?;
+                        for (i, row) in p.chunks_exact_mut(s).enumerate() {
+                            // Normalized by the sum rather than shifted by m + ln(sum): with every key
+                            // masked, m is f32::MIN and would absorb ln(sum).
+                            let m = vmath::max(row);
+                            let inv = 1.0 / vmath::sum_exp(row, m);
+                            vmath::scaled_exp_in_place(row, m, inv);
+                            lh[2 * (r0 + i)] = m;
+                            lh[2 * (r0 + i) + 1] = inv;
                         }
+                        let o_blk = &mut oh[r0 * d..r1 * d];
+                        sgemm_serial(MatRef::row_major(p, r1 - r0, s), MatRef::row_major(vg, s, d), o_blk, d, false)
+                            .map_err(candle_core::Error::Msg)?;
                     }
                 }
-            });
-            Ok(())
+                Ok(())
+            })
         })?;
-        if let Some(e) = failure.into_inner().ok().flatten() {
-            return Err(e);
-        }
         *self.row_stats.lock().map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))? = row_stats;
         Ok((CpuStorage::F32(out), Shape::from((b, heads, t, d))))
     }
@@ -238,10 +229,10 @@ impl CustomOp3 for FusedAttention {
         let mut dv = vec![0f32; vv.len()];
         let (dq_ptr, dk_ptr, dv_ptr) =
             (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
-        let failure = Mutex::new(None);
         let groups = dims.groups();
+        let msg = candle_core::Error::Msg;
         self.with_mask(dims, |mask| {
-            for_chunks(b * kv_heads, |units| {
+            try_for_chunks(b * kv_heads, |units| {
                 let rows = groups * t;
                 let (mut p, mut dp) = (vec![0f32; BLOCK.min(rows) * s], vec![0f32; BLOCK.min(rows) * s]);
                 for unit in units {
@@ -254,57 +245,44 @@ impl CustomOp3 for FusedAttention {
                             std::slice::from_raw_parts_mut(dv_ptr.ptr().add(dims.kv_at(bi, g)), s * d),
                         )
                     };
-                    {
-                        let at = dims.q_at(bi, g * groups);
-                        let (qh, oh, goh) = (&qv[at..][..rows * d], &ov[at..][..rows * d], &gv[at..][..rows * d]);
-                        // SAFETY: as above.
-                        let dqh = unsafe { std::slice::from_raw_parts_mut(dq_ptr.ptr().add(at), rows * d) };
-                        let lh = &row_stats[2 * (bi * heads + g * groups) * t..][..2 * rows];
-                        for r0 in (0..rows).step_by(BLOCK) {
-                            let r1 = (r0 + BLOCK).min(rows);
-                            let n = r1 - r0;
-                            let (p, dp) = (&mut p[..n * s], &mut dp[..n * s]);
-                            let result = (|| -> candle_core::Result<()> {
-                                self.scores(dims, qh, kg, mask, bi, r0..r1, p)?;
-                                for (i, row) in p.chunks_exact_mut(s).enumerate() {
-                                    vmath::scaled_exp_in_place(row, lh[2 * (r0 + i)], lh[2 * (r0 + i) + 1]);
-                                }
-                                let go_blk = MatRef::row_major(&goh[r0 * d..r1 * d], n, d);
-                                let msg = candle_core::Error::Msg;
-                                // dV += P^T dO
-                                sgemm_serial(MatRef::row_major(p, n, s).t(), go_blk, dvg, d, true).map_err(msg)?;
-                                // dP = dO V^T
-                                sgemm_serial(go_blk, MatRef::row_major(vg, s, d).t(), dp, s, false).map_err(msg)?;
-                                // dS = scale * P (dP - rowsum(dO * O)), in place of P.
-                                for i in 0..n {
-                                    let row = (r0 + i) * d;
-                                    let delta: f32 =
-                                        goh[row..row + d].iter().zip(&oh[row..row + d]).map(|(a, b)| a * b).sum();
-                                    let (prow, dprow) = (&mut p[i * s..(i + 1) * s], &dp[i * s..(i + 1) * s]);
-                                    for (x, &y) in prow.iter_mut().zip(dprow) {
-                                        *x = self.scale * *x * (y - delta);
-                                    }
-                                }
-                                let ds = MatRef::row_major(p, n, s);
-                                // dQ = dS K ; dK += dS^T Q
-                                sgemm_serial(ds, MatRef::row_major(kg, s, d), &mut dqh[r0 * d..r1 * d], d, false)
-                                    .map_err(msg)?;
-                                let q_blk = MatRef::row_major(&qh[r0 * d..r1 * d], n, d);
-                                sgemm_serial(ds.t(), q_blk, dkg, d, true).map_err(msg)
-                            })();
-                            if let Err(e) = result {
-                                failure.lock().map(|mut f| *f = Some(e)).ok();
-                                return;
+                    let at = dims.q_at(bi, g * groups);
+                    let (qh, oh, goh) = (&qv[at..][..rows * d], &ov[at..][..rows * d], &gv[at..][..rows * d]);
+                    // SAFETY: as above.
+                    let dqh = unsafe { std::slice::from_raw_parts_mut(dq_ptr.ptr().add(at), rows * d) };
+                    let lh = &row_stats[2 * (bi * heads + g * groups) * t..][..2 * rows];
+                    for r0 in (0..rows).step_by(BLOCK) {
+                        let r1 = (r0 + BLOCK).min(rows);
+                        let n = r1 - r0;
+                        let (p, dp) = (&mut p[..n * s], &mut dp[..n * s]);
+                        self.scores(dims, qh, kg, mask, bi, r0..r1, p)?;
+                        for (i, row) in p.chunks_exact_mut(s).enumerate() {
+                            vmath::scaled_exp_in_place(row, lh[2 * (r0 + i)], lh[2 * (r0 + i) + 1]);
+                        }
+                        let go_blk = MatRef::row_major(&goh[r0 * d..r1 * d], n, d);
+                        // dV += P^T dO
+                        sgemm_serial(MatRef::row_major(p, n, s).t(), go_blk, dvg, d, true).map_err(msg)?;
+                        // dP = dO V^T
+                        sgemm_serial(go_blk, MatRef::row_major(vg, s, d).t(), dp, s, false).map_err(msg)?;
+                        // dS = scale * P (dP - rowsum(dO * O)), in place of P.
+                        for i in 0..n {
+                            let row = (r0 + i) * d;
+                            let delta: f32 = goh[row..row + d].iter().zip(&oh[row..row + d]).map(|(a, b)| a * b).sum();
+                            let (prow, dprow) = (&mut p[i * s..(i + 1) * s], &dp[i * s..(i + 1) * s]);
+                            for (x, &y) in prow.iter_mut().zip(dprow) {
+                                *x = self.scale * *x * (y - delta);
                             }
                         }
+                        let ds = MatRef::row_major(p, n, s);
+                        // dQ = dS K ; dK += dS^T Q
+                        sgemm_serial(ds, MatRef::row_major(kg, s, d), &mut dqh[r0 * d..r1 * d], d, false)
+                            .map_err(msg)?;
+                        let q_blk = MatRef::row_major(&qh[r0 * d..r1 * d], n, d);
+                        sgemm_serial(ds.t(), q_blk, dkg, d, true).map_err(msg)?;
                     }
                 }
-            });
-            Ok(())
+                Ok(())
+            })
         })?;
-        if let Some(e) = failure.into_inner().ok().flatten() {
-            return Err(e);
-        }
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (b, heads, t, d), dev)?),

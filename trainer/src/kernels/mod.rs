@@ -11,7 +11,7 @@ pub mod precision;
 pub mod rms_norm;
 pub mod rope;
 pub mod sgemm;
-mod storage;
+pub(crate) mod storage;
 pub mod swiglu;
 pub mod vmath;
 

@@ -15,6 +15,23 @@ pub fn for_chunks(n: usize, f: impl Fn(Range<usize>) + Sync) {
     candle_core::utils::barrier_pool().execute_chunked(n, f)
 }
 
+/// [`for_chunks`] for work that can fail: the first error any chunk returns (a chunk stops at its error;
+/// the others finish theirs).
+pub fn try_for_chunks<E: Send>(n: usize, f: impl Fn(Range<usize>) -> Result<(), E> + Sync) -> Result<(), E> {
+    let failure = std::sync::Mutex::new(None);
+    for_chunks(n, |range| {
+        if let Err(e) = f(range) {
+            if let Ok(mut slot) = failure.lock() {
+                slot.get_or_insert(e);
+            }
+        }
+    });
+    match failure.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// A raw pointer that may cross to the pool's threads; each thread touches a disjoint part.
 pub(crate) struct SharedMut<T>(pub(crate) *mut T);
 impl<T> Clone for SharedMut<T> {

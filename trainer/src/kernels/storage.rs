@@ -30,3 +30,14 @@ pub(crate) fn matrix_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str)
     };
     Ok(MatRef { data: &data[layout.start_offset()..], rows, cols, row_stride: rs, col_stride: cs })
 }
+
+/// Calls `f` with the strided 2-D view of an f32 tensor on the CPU.
+pub(crate) fn with_matrix_f32<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(MatRef<'_>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else { bail!("{op}: CPU tensors expected") };
+    f(matrix_f32(storage, layout, op)?)
+}

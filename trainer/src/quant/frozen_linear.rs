@@ -17,6 +17,7 @@
 
 use super::nf4::Nf4Weight;
 use super::nf4_matmul::{Nf4MatMul, Nf4Product};
+use crate::kernels::storage::with_matrix_f32;
 use crate::kernels::{frozen_gemm, DenseLinear, DenseProduct, MatRef};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
@@ -136,26 +137,19 @@ impl FrozenWeight {
                     super::nf4_matmul::forward_cpu(w, x, m, out)
                 }
             }
-            FrozenWeight::Dense(w) => {
-                let (rows, cols) = w.dims2()?;
-                let (storage, layout) = w.storage_and_layout();
-                let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
-                    return Err(crate::Error::Invalid("frozen linear: f32 CPU weight expected".into()));
-                };
-                let (&[rs, cs], start) = (layout.stride(), layout.start_offset()) else {
-                    return Err(crate::Error::Invalid("frozen linear: 2-D weight expected".into()));
-                };
-                let weight = MatRef { data: &data[start..], rows, cols, row_stride: rs, col_stride: cs };
-                let (k, b) = if transposed { (rows, weight) } else { (cols, weight.t()) };
+            FrozenWeight::Dense(w) => Ok(with_matrix_f32(w, "frozen linear", |weight| {
+                let (k, b) = if transposed { (weight.rows, weight) } else { (weight.cols, weight.t()) };
                 if x.len() != m * k || out.len() != m * b.cols {
-                    return Err(crate::Error::Invalid(format!(
-                        "frozen linear: {} inputs and {} outputs for {m} rows of a [{rows}, {cols}] weight",
+                    bail!(
+                        "frozen linear: {} inputs and {} outputs for {m} rows of a [{}, {}] weight",
                         x.len(),
-                        out.len()
-                    )));
+                        out.len(),
+                        weight.rows,
+                        weight.cols
+                    )
                 }
-                frozen_gemm(MatRef::row_major(x, m, k), b, out, b.cols, false).map_err(crate::Error::Invalid)
-            }
+                frozen_gemm(MatRef::row_major(x, m, k), b, out, b.cols, false).map_err(candle_core::Error::Msg)
+            })?),
         }
     }
 
