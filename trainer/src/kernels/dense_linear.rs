@@ -5,7 +5,7 @@
 
 use super::precision::frozen_gemm;
 use super::sgemm::MatRef;
-use super::storage::{contiguous_f32, matrix_f32};
+use super::storage::{contiguous_f32, matrix_f32, output_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape};
 
 /// Which product [`DenseLinear`] computes.
@@ -50,7 +50,8 @@ impl CustomOp2 for DenseLinear {
         }
         let m = x_all.len() / k.max(1);
         let x = MatRef::row_major(x_all, m, k);
-        let mut out = vec![0f32; m * w.cols];
+        // Overwritten by the product (accumulate = false).
+        let mut out = output_f32(m * w.cols);
         frozen_gemm(x, w, &mut out, w.cols, false).map_err(candle_core::Error::Msg)?;
         let mut out_dims = dims.to_vec();
         if let Some(l) = out_dims.last_mut() {

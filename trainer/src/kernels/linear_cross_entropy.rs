@@ -73,7 +73,8 @@ impl CustomOp1 for LinearCrossEntropy {
         let msg = |e: crate::Error| candle_core::Error::Msg(e.to_string());
         let mut nll = vec![0f32; n];
         let mut grad = vec![0f32; n * hidden];
-        let mut logits = vec![0f32; BLOCK.min(n) * vocab];
+        // Each block is overwritten by its product before it is read.
+        let mut logits = super::storage::output_f32(BLOCK.min(n) * vocab);
         for r0 in (0..n).step_by(BLOCK) {
             let r1 = (r0 + BLOCK).min(n);
             let block = &mut logits[..(r1 - r0) * vocab];

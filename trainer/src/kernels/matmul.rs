@@ -3,7 +3,7 @@
 //! they run on the same threads as everything else instead of waking a second pool.
 
 use super::sgemm::sgemm;
-use super::storage::matrix_f32;
+use super::storage::{matrix_f32, output_f32};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 /// `a [m, k] b [k, n] -> [m, n]`; gradients `dA = dC B^T`, `dB = A^T dC`.
@@ -32,7 +32,8 @@ impl CustomOp2 for MatMul {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (a, b) = (matrix_f32(s1, l1, "matmul")?, matrix_f32(s2, l2, "matmul")?);
-        let mut out = vec![0f32; a.rows * b.cols];
+        // Overwritten by the product (accumulate = false).
+        let mut out = output_f32(a.rows * b.cols);
         sgemm(a, b, &mut out, b.cols, false).map_err(candle_core::Error::Msg)?;
         Ok((CpuStorage::F32(out), Shape::from((a.rows, b.cols))))
     }

@@ -3,7 +3,7 @@
 //! `n = x * inv`, and `dw = sum over rows of dy n` (only when `w` takes a gradient).
 
 use super::parallel::{for_chunks, for_rows_mut};
-use super::storage::contiguous_f32;
+use super::storage::{contiguous_f32, output_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
@@ -45,7 +45,8 @@ impl CustomOp2 for RmsNormOp {
         if xl.dims().last() != Some(&h) {
             bail!("rms-norm: input {:?} does not end in the scale's {h}", xl.dims())
         }
-        let mut out = vec![0f32; x.len()];
+        // Every row is written whole.
+        let mut out = output_f32(x.len());
         for_rows_mut(&mut out, h, |r, y| {
             let row = &x[r * h..(r + 1) * h];
             let inv = inv_rms(row, self.eps);

@@ -14,6 +14,7 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
+use super::pack::{bf16_available, pack_bf16, pack_f32, Lines};
 use super::parallel::SharedMut;
 
 /// Rows of C per register tile.
@@ -24,6 +25,8 @@ const NR: usize = 32;
 const KC: usize = 256;
 /// Columns of B packed at once (a `KC x NC` block stays in L2).
 const NC: usize = 512;
+/// Products at least this many times deeper than they are tall and wide are split along the depth.
+const SPLIT_DEPTH: usize = 8;
 /// Below this many multiply-adds the packing does not pay for itself.
 const SMALL: usize = 32 * 32 * 32;
 
@@ -128,6 +131,11 @@ fn product<T: Tile>(
         }
         let pool = candle_core::utils::barrier_pool();
         let threads = pool.n_workers() + 1;
+        let k = a.cols;
+        if threads > 1 && k >= SPLIT_DEPTH * m.max(n) {
+            split_depth::<T>(a, b, c_ptr, ldc, accumulate, threads);
+            return Ok(());
+        }
         // Split the larger side: each thread packs all of the other operand, so that one should be small.
         let by_rows = (m >= n && m >= threads * MR) || n < threads * NR;
         let span =
@@ -147,6 +155,52 @@ fn product<T: Tile>(
         });
     }
     Ok(())
+}
+
+/// A deep product (`k` much larger than `m` and `n`, e.g. the lm_head's input gradient over the whole
+/// vocabulary) split along the depth: each thread multiplies its share of the columns of A by the same
+/// rows of B, so no operand is packed twice; the first share goes straight to `c`, the others to
+/// scratch products that are then added in.
+///
+/// # Safety
+/// As [`blocked`]; `threads` is the pool's thread count and `k >= threads`.
+unsafe fn split_depth<T: Tile>(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: SharedMut<f32>,
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let span = k.div_ceil(threads).next_multiple_of(2);
+    // Every share but the first is written whole (its depth range is not empty: k >= SPLIT_DEPTH * n >= threads).
+    let mut partial = super::storage::output_f32((threads - 1) * m * n);
+    let parts = SharedMut(partial.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute(|tid| {
+        let (lo, hi) = (tid * span, ((tid + 1) * span).min(k));
+        if lo >= hi {
+            if tid > 0 {
+                std::slice::from_raw_parts_mut(parts.ptr().add((tid - 1) * m * n), m * n).fill(0.0);
+            }
+            return;
+        }
+        let a_part = MatRef { data: &a.data[lo * a.col_stride..], cols: hi - lo, ..a };
+        let b_part = MatRef { data: &b.data[lo * b.row_stride..], rows: hi - lo, ..b };
+        if tid == 0 {
+            blocked::<T>(a_part, b_part, c.ptr(), ldc, accumulate);
+        } else {
+            blocked::<T>(a_part, b_part, parts.ptr().add((tid - 1) * m * n), n, false);
+        }
+    });
+    for i in 0..m {
+        let row = std::slice::from_raw_parts_mut(c.ptr().add(i * ldc), n);
+        for share in partial.chunks_exact(m * n) {
+            for (o, &v) in row.iter_mut().zip(&share[i * n..(i + 1) * n]) {
+                *o += v;
+            }
+        }
+    }
 }
 
 /// Checks shapes and bounds; handles the empty cases. `Ok(true)` when there is a product to compute.
@@ -249,63 +303,6 @@ pub(crate) trait Tile {
     );
 }
 
-/// The rows of A or the columns of B being packed: element `(i, p)` (index `i`, depth `p`) is
-/// `data[base + i * index_stride + p * depth_stride]`.
-#[derive(Clone, Copy)]
-pub(crate) struct Lines<'a> {
-    data: &'a [f32],
-    base: usize,
-    index_stride: usize,
-    depth_stride: usize,
-}
-
-impl Lines<'_> {
-    /// Stores every element of `rows` indices by `kc` depths with `put(word, depth, value)` into
-    /// `out[slot(depth) + index]`, walking the memory in the order it runs.
-    fn pack_into(
-        &self,
-        rows: usize,
-        kc: usize,
-        out: &mut [u32],
-        slot: impl Fn(usize) -> usize,
-        put: impl Fn(&mut u32, usize, f32),
-    ) {
-        if self.depth_stride == 1 {
-            // Contiguous lines: read them side by side so the packed output is written in order.
-            let lines: Vec<&[f32]> = (0..rows).map(|i| &self.data[self.base + i * self.index_stride..][..kc]).collect();
-            for p in 0..kc {
-                let at = slot(p);
-                for (o, line) in out[at..at + rows].iter_mut().zip(&lines) {
-                    put(o, p, line[p]);
-                }
-            }
-        } else if self.index_stride == 1 {
-            for p in 0..kc {
-                let seg = &self.data[self.base + p * self.depth_stride..][..rows];
-                for (o, &v) in out[slot(p)..slot(p) + rows].iter_mut().zip(seg) {
-                    put(o, p, v);
-                }
-            }
-        } else {
-            for i in 0..rows {
-                for p in 0..kc {
-                    put(&mut out[slot(p) + i], p, self.data[self.base + i * self.index_stride + p * self.depth_stride]);
-                }
-            }
-        }
-    }
-}
-
-/// The bf16 bits of `v`, rounded to nearest even (NaN stays NaN), as the low half of a word.
-#[inline]
-fn bf16_bits(v: f32) -> u32 {
-    let bits = v.to_bits();
-    if v.is_nan() {
-        return (bits >> 16) | 0x40;
-    }
-    (bits + 0x7fff + ((bits >> 16) & 1)) >> 16
-}
-
 /// f32 operands, f32 products (the `MR x NR` FMA tile).
 pub(crate) struct F32Tile;
 
@@ -318,11 +315,7 @@ impl Tile for F32Tile {
         kc
     }
     fn pack(src: Lines<'_>, rows: usize, width: usize, kc: usize, out: &mut [u32]) {
-        let out = &mut out[..kc * width];
-        if rows < width {
-            out.fill(0);
-        }
-        src.pack_into(rows, kc, out, |p| p * width, |o, _, v| *o = v.to_bits());
+        pack_f32(src, rows, width, kc, out)
     }
     unsafe fn tile(
         words: usize,
@@ -344,29 +337,13 @@ pub(crate) struct Bf16Tile;
 impl Tile for Bf16Tile {
     const KC: usize = 2 * KC;
     fn available() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            avx512_available() && std::is_x86_feature_detected!("avx512bf16")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        bf16_available()
     }
     fn words(kc: usize) -> usize {
         kc.div_ceil(2)
     }
     fn pack(src: Lines<'_>, rows: usize, width: usize, kc: usize, out: &mut [u32]) {
-        let out = &mut out[..kc.div_ceil(2) * width];
-        if rows < width || kc % 2 == 1 {
-            out.fill(0);
-        }
-        // Even K steps fill the low half of a word, odd ones the high half (OR-ed into a zeroed word).
-        let put = |o: &mut u32, p: usize, v: f32| {
-            let bits = bf16_bits(v);
-            *o = if p.is_multiple_of(2) { (*o & 0xffff_0000) | bits } else { (*o & 0xffff) | (bits << 16) };
-        };
-        src.pack_into(rows, kc, out, |p| (p / 2) * width, put);
+        pack_bf16(src, rows, width, kc, out)
     }
     unsafe fn tile(
         words: usize,
@@ -392,8 +369,14 @@ pub(crate) unsafe fn blocked<T: Tile>(a: MatRef<'_>, b: MatRef<'_>, c: *mut f32,
     PACK.with(|bufs| {
         let mut bufs = bufs.borrow_mut();
         let (apack, bpack) = &mut *bufs;
-        apack.resize(mc * T::words(T::KC), 0);
-        bpack.resize(NC * T::words(T::KC), 0);
+        // Grown, never shrunk: products of other sizes come and go, and resizing up zero-fills.
+        let (a_need, b_need) = (mc * T::words(T::KC), NC * T::words(T::KC));
+        if apack.len() < a_need {
+            apack.resize(a_need, 0);
+        }
+        if bpack.len() < b_need {
+            bpack.resize(b_need, 0);
+        }
         // A is packed once per depth block and reused across all column blocks of B.
         for pc in (0..k).step_by(T::KC) {
             let kc = T::KC.min(k - pc);
@@ -568,10 +551,18 @@ mod tests {
 
     #[test]
     fn matches_a_float64_reference_on_every_layout_and_edge() {
-        // Shapes that exercise partial tiles, several K and N blocks, both thread splits and the fallback.
-        for &(m, k, n) in
-            &[(1, 7, 5), (2, 300, 1100), (13, 300, 33), (100, 513, 70), (25, 64, 1100), (200, 40, 48), (12, 260, 600)]
-        {
+        // Shapes that exercise partial tiles, several K and N blocks, the row, column and depth splits and the
+        // fallback.
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (2, 300, 1100),
+            (13, 300, 33),
+            (100, 513, 70),
+            (25, 64, 1100),
+            (200, 40, 48),
+            (12, 260, 600),
+            (16, 3001, 70),
+        ] {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 let av = values(m * k, 1);
                 let bv = values(k * n, 2);
@@ -597,7 +588,7 @@ mod tests {
     #[test]
     fn bf16_product_equals_the_product_of_the_rounded_operands() {
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
-        for &(m, k, n) in &[(13, 301, 33), (100, 513, 70), (25, 64, 1100), (200, 41, 48)] {
+        for &(m, k, n) in &[(13, 301, 33), (100, 513, 70), (25, 64, 1100), (200, 41, 48), (16, 3001, 70)] {
             for (ta, tb) in [(false, false), (false, true), (true, true)] {
                 let av = values(m * k, 7);
                 let bv = values(k * n, 8);

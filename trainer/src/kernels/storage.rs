@@ -41,3 +41,16 @@ pub(crate) fn with_matrix_f32<R>(
     let Storage::Cpu(storage) = &*storage else { bail!("{op}: CPU tensors expected") };
     f(matrix_f32(storage, layout, op)?)
 }
+
+/// A vector of `len` f32 whose values are left as the allocator returns them, for an output that the
+/// caller overwrites entirely before anything reads it (a product with `accumulate = false`, an
+/// element-wise map): skipping the zero fill saves a pass over memory, the same way candle allocates
+/// its own outputs.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn output_f32(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: f32 has no invalid bit patterns and every caller writes all `len` values before
+    // reading any (see each call site).
+    unsafe { v.set_len(len) };
+    v
+}

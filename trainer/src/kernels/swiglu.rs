@@ -2,7 +2,7 @@
 //! `silu'(g) = s (1 + g (1 - s))` with `s = sigmoid(g)`), rows spread over the CPU pool.
 
 use super::parallel::{for_spans_mut, SharedMut};
-use super::storage::{contiguous_f32, with_contiguous_f32};
+use super::storage::{contiguous_f32, output_f32, with_contiguous_f32};
 use super::vmath;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
@@ -38,7 +38,8 @@ impl CustomOp2 for SwiGlu {
         if g.len() != u.len() {
             bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())
         }
-        let mut out = vec![0f32; g.len()];
+        // Every span is written by `sigmoid` before it is read.
+        let mut out = output_f32(g.len());
         for_spans_mut(&mut out, SPAN, |at, o| {
             let (g, u) = (&g[at..at + o.len()], &u[at..at + o.len()]);
             vmath::sigmoid(g, o);

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor, Var};
 
 use crate::infer::Rng;
+use crate::kernels::lora_linear::LoraLinear;
 use crate::kernels::matmul;
+use crate::quant::FrozenWeight;
 
 /// Shared switch and seed for the dropout of every adapter of a model.
 #[derive(Debug, Default)]
@@ -76,20 +78,26 @@ impl LoraAdapter {
     /// The update for `x` `[n, in]`, giving `[n, out]`.
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let x = match self.control.seed_if_training() {
-            Some(seed) if self.dropout > 0.0 => self.drop(x, seed)?,
-            _ => x.clone(),
+        let x = match self.dropout_mask(x.elem_count()) {
+            Some(mask) => (x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?,
+            None => x.clone(),
         };
         let h = matmul(&x.to_dtype(self.a.dtype())?, &self.a.as_tensor().t()?)?;
         (matmul(&h, &self.b.as_tensor().t()?)? * self.scale)?.to_dtype(dtype)
     }
 
-    fn drop(&self, x: &Tensor, seed: u64) -> Result<Tensor> {
+    /// `base(x) + delta(x)` for a frozen base weight as one fused op (see
+    /// [`crate::kernels::lora_linear`]); `None` where it does not apply (not f32 on the CPU).
+    pub fn forward_with_base(&self, base: &FrozenWeight, x: &Tensor) -> Result<Option<Tensor>> {
+        let mask = self.dropout_mask(x.elem_count());
+        LoraLinear::forward(x, base, self.a.as_tensor(), self.b.as_tensor(), self.scale, mask)
+    }
+
+    /// The dropout multipliers (0 or 1/keep) for an input of `len` values, while training with dropout.
+    fn dropout_mask(&self, len: usize) -> Option<Vec<f32>> {
+        let seed = self.control.seed_if_training().filter(|_| self.dropout > 0.0)?;
         let mut rng = Rng::new(seed ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let keep = 1.0 - self.dropout;
-        let mask: Vec<f32> =
-            (0..x.elem_count()).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        Some((0..len).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect())
     }
 }

@@ -91,13 +91,23 @@ impl Linear {
         let in_features = dims[dims.len() - 1];
         let rows = x.elem_count() / in_features;
         let x2 = x.reshape((rows, in_features))?;
-        let mut y = match &self.base {
-            LinearBase::Frozen(w) => w.forward(&x2)?,
-            LinearBase::Trainable(w) => matmul(&x2, &w.t()?)?,
+        let fused = match (&self.base, &self.lora) {
+            (LinearBase::Frozen(w), Some(lora)) => lora.forward_with_base(w, &x2)?,
+            _ => None,
         };
-        if let Some(lora) = &self.lora {
-            y = (y + lora.delta(&x2)?)?;
-        }
+        let y = match fused {
+            Some(y) => y,
+            None => {
+                let y = match &self.base {
+                    LinearBase::Frozen(w) => w.forward(&x2)?,
+                    LinearBase::Trainable(w) => matmul(&x2, &w.t()?)?,
+                };
+                match &self.lora {
+                    Some(lora) => (y + lora.delta(&x2)?)?,
+                    None => y,
+                }
+            }
+        };
         let mut out_dims = dims.to_vec();
         let last = out_dims.len() - 1;
         out_dims[last] = y.dim(1)?;

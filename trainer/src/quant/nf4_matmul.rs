@@ -136,7 +136,10 @@ impl CustomOp1 for Nf4MatMul {
             )
         }
         let m = x.len() / k;
-        let mut out = vec![0f32; m * n];
+        // The first tile of each product writes (accumulate = false) every value, so the output needs no
+        // zero fill unless there is no tile at all.
+        let mut out =
+            if w.rows() > 0 && w.cols() > 0 { crate::kernels::storage::output_f32(m * n) } else { vec![0f32; m * n] };
         let result = match self.product {
             Nf4Product::Forward => forward_cpu(w, x, m, &mut out),
             Nf4Product::InputGrad => input_grad_cpu(w, x, m, &mut out),
