@@ -11,8 +11,10 @@
 //! loaded in NF4, one QLoRA training step at 512 tokens after a warm-up step: peak RSS against the NF4 model plus
 //! activations, and the NF4 bits per parameter of the linear weights), `train` (the peer's shapes:
 //! Mistral- and Mixtral-shaped, hidden 512, intermediate 1536, 4 layers, 8/2 heads, vocab 32000,
-//! batch 4 x 256, LoRA r=8 on all linears, with and without checkpointing, f32 and NF4 bases, plus
-//! checkpointed with bf16 products of the frozen base, each configuration in its own process).
+//! batch 4 x 256, LoRA r=8 on all linears, f32 and NF4 bases: without checkpointing; with it, keeping the
+//! activations the default budget allows (what `train` does: a quarter of the available memory) and
+//! recomputing every layer (what the peer does); and with bf16 products of the frozen base, each
+//! configuration in its own process).
 //!
 //! The reference peer (transformers + PEFT + bitsandbytes on PyTorch, benches/peer.py) runs the same
 //! cases in the same invocation, right after each of ours, with as many threads as we use; each case then
@@ -376,7 +378,7 @@ fn mistral_7b_2layer_case() -> Vec<Row> {
     let bf16_secs = t.elapsed().as_secs_f64();
     trainer::kernels::set_matmul_precision(trainer::kernels::MatmulPrecision::Highest);
     // Counted as in the training cases: 6N with checkpointing, lm_head 4x, attention, LoRA.
-    let flops = lora_step_flops_per_token(&config, tokens, 8, true) * tokens as f64;
+    let flops = lora_step_flops_per_token(&config, tokens, 8, config.num_layers) * tokens as f64;
     let nf4_model = linear_bytes as f64 + other_bytes;
     // What the step itself needed on top of the loaded model and adapters (activations, gradients,
     // saved layer inputs, logits at labelled positions).
@@ -444,18 +446,22 @@ fn mistral_7b_2layer_case() -> Vec<Row> {
 }
 
 /// Training tokens/s at the reference peer's shapes (see ../shared/notes/performance.md).
-/// Training configurations measured: 2 models x 3 variants x 2 bases.
-const TRAIN_CONFIGS: usize = 12;
+/// Training configurations measured: 2 models x 4 variants x 2 bases.
+const TRAIN_CONFIGS: usize = 16;
+/// Configurations per model.
+const PER_MODEL: usize = TRAIN_CONFIGS / 2;
 
 /// The training rows; `only` picks one configuration (0..TRAIN_CONFIGS, in the order printed).
 fn training_cases(only: Option<usize>) -> Vec<Row> {
     use trainer::kernels::MatmulPrecision;
     use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
     use trainer::model::Nf4Options;
-    use trainer::train::{optimizer_step, AdamW, AdamWConfig, MicroBatch, Schedule, ScheduleKind, StepSettings};
+    use trainer::train::{
+        layers_within_budget, optimizer_step, AdamW, AdamWConfig, MicroBatch, Schedule, ScheduleKind, StepSettings,
+    };
     let mut rows = Vec::new();
     for moe in [false, true] {
-        if only.is_some_and(|o| o / 6 != usize::from(moe)) {
+        if only.is_some_and(|o| o / PER_MODEL != usize::from(moe)) {
             continue;
         }
         let mut json = serde_json::json!({
@@ -476,13 +482,19 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
         } else {
             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec()
         };
-        // f32 products with and without checkpointing, then bf16 products (matmul precision "medium")
-        // with checkpointing, each on an f32 and an NF4 base.
-        let variants =
-            [(false, MatmulPrecision::Highest), (true, MatmulPrecision::Highest), (true, MatmulPrecision::Medium)];
-        for (v, (checkpointing, precision)) in variants.into_iter().enumerate() {
+        // f32 products without checkpointing; with it, keeping what the default activation budget allows
+        // (what `train` does) and recomputing every layer (as the peer does); then bf16 products (matmul
+        // precision "medium") with the default budget. Each on an f32 and an NF4 base.
+        let default_budget = trainer::train::default_activation_budget();
+        let variants = [
+            (false, MatmulPrecision::Highest, None),
+            (true, MatmulPrecision::Highest, Some(default_budget)),
+            (true, MatmulPrecision::Highest, Some(0)),
+            (true, MatmulPrecision::Medium, Some(default_budget)),
+        ];
+        for (v, (checkpointing, precision, activation_budget)) in variants.into_iter().enumerate() {
             for nf4 in [false, true] {
-                let index = usize::from(moe) * 6 + v * 2 + usize::from(nf4);
+                let index = usize::from(moe) * PER_MODEL + v * 2 + usize::from(nf4);
                 if only.is_some_and(|o| o != index) {
                     continue;
                 }
@@ -502,8 +514,8 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
                     total_steps: 10,
                     min_lr_ratio: 0.0,
                 };
-                let settings =
-                    StepSettings { aux_coef: 0.02, max_grad_norm: 1.0, checkpointing, activation_budget: None };
+                let settings = StepSettings { aux_coef: 0.02, max_grad_norm: 1.0, checkpointing, activation_budget };
+                let kept = activation_budget.map_or(0, |budget| layers_within_budget(&config, b * t, budget));
                 let ids: Vec<u32> = (0..(b * t) as u32).map(|i| 3 + (i * 7919) % 31000).collect();
                 let mb = MicroBatch {
                     batch: b,
@@ -535,22 +547,29 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
                 times.sort_by(f64::total_cmp);
                 let secs = times[times.len() / 2];
                 let tokens = (b * t) as f64;
-                let per_token = lora_step_flops_per_token(&config, t, 8, checkpointing);
+                let recomputed = if checkpointing { config.num_layers - kept } else { 0 };
+                let per_token = lora_step_flops_per_token(&config, t, 8, recomputed);
                 let rss = peak_rss_bytes();
                 let (model_name, base, ckpt) = (
                     if moe { "mixtral" } else { "mistral" },
                     if nf4 { "nf4" } else { "f32" },
-                    match (checkpointing, precision) {
-                        (false, _) => "no-ckpt",
-                        (true, MatmulPrecision::Highest) => "ckpt",
-                        (true, MatmulPrecision::Medium) => "ckpt bf16-matmul",
+                    match (checkpointing, precision, activation_budget) {
+                        (false, ..) => "no-ckpt",
+                        (true, MatmulPrecision::Highest, Some(0)) => "ckpt recompute-all",
+                        (true, MatmulPrecision::Highest, _) => "ckpt",
+                        (true, MatmulPrecision::Medium, _) => "ckpt bf16-matmul",
                     },
                 );
                 println!(
-                    "train     {model_name}-shaped {base:4} {ckpt:16} | {:.0} tok/s | {:.1} GFLOP/s | peak RSS {}",
+                    "train     {model_name}-shaped {base:4} {ckpt:18} | {:.0} tok/s | {:.1} GFLOP/s | peak RSS {} | {}",
                     tokens / secs,
                     tokens * per_token / secs / 1e9,
-                    gib(rss)
+                    gib(rss),
+                    if checkpointing {
+                        format!("recomputes {recomputed} of {} layers", config.num_layers)
+                    } else {
+                        "no recompute".into()
+                    }
                 );
                 rows.push(
                     Row::new(
@@ -577,7 +596,8 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
 /// in ../shared/notes/performance.md, so that GFLOP/s = tokens/s x this / 1e9 is the useful work done:
 /// - frozen decoder matmuls, N = attention projections + the experts a token visits (top-k of E; the router
 ///   too, it is a matmul): forward 2N, input gradient 2N (no weight gradient: the base is frozen), and with
-///   checkpointing the per-layer recompute 2N: 4N without, 6N with;
+///   checkpointing the per-layer recompute 2N: 4N without, 6N with (counted only for the layers recomputed:
+///   a checkpointed step keeps the activations of the last layers its activation budget allows);
 /// - lm_head (vocab x hidden): forward + input gradient, 4 x vocab x hidden; outside the checkpointed layers,
 ///   so never recomputed. Counted for every token, although the last position of a sequence carries no label
 ///   (we skip its logits): 1/seq_len too generous;
@@ -590,7 +610,7 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
 ///
 /// Not counted (no matmuls, or negligible): the embedding gather, norms, RoPE, activations, softmax and loss,
 /// gradient clipping and AdamW. The bench's tokens are the batch's input tokens (batch x seq_len).
-fn lora_step_flops_per_token(config: &ModelConfig, seq_len: usize, rank: usize, checkpointing: bool) -> f64 {
+fn lora_step_flops_per_token(config: &ModelConfig, seq_len: usize, rank: usize, recomputed_layers: usize) -> f64 {
     let (h, i) = (config.hidden_size as f64, config.intermediate_size as f64);
     let q = (config.num_heads * config.head_dim) as f64;
     let kv = (config.num_kv_heads * config.head_dim) as f64;
@@ -605,7 +625,9 @@ fn lora_step_flops_per_token(config: &ModelConfig, seq_len: usize, rank: usize, 
     let attention_fwd = 4.0 * layers * q * seq_len as f64 / 2.0;
     let r = rank as f64;
     let lora = layers * r * ((h + q) * 2.0 + (h + kv) * 2.0 + experts_visited * 3.0 * (h + i));
-    let (frozen, attn, lora_x) = if checkpointing { (6.0, 4.0, 8.0) } else { (4.0, 3.0, 6.0) };
+    // The share of the layers a checkpointed step recomputes (kept layers are not).
+    let recomputed = recomputed_layers.min(config.num_layers) as f64 / layers.max(1.0);
+    let (frozen, attn, lora_x) = (4.0 + 2.0 * recomputed, 3.0 + recomputed, 6.0 + 2.0 * recomputed);
     frozen * n + 4.0 * lm_head + attn * attention_fwd + lora_x * lora
 }
 

@@ -16,8 +16,20 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Memory the kernel estimates is available to start new work without swapping (`MemAvailable`), in
+/// bytes, if the OS reports it.
+pub fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    kib_field(&text, "MemAvailable:")
+}
+
 fn status_field(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    kib_field(&text, key)
+}
+
+/// The `key: N kB` line of a /proc file, in bytes.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
@@ -50,5 +62,30 @@ pub fn release_free_memory() {
     // SAFETY: malloc_trim only releases free heap memory.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_kib_fields_as_bytes() {
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(kib_field(meminfo, "MemAvailable:"), Some(20_000_000 * 1024));
+        assert_eq!(kib_field(meminfo, "SwapTotal:"), None);
+        assert_eq!(kib_field("MemAvailable: lots kB\n", "MemAvailable:"), None);
+    }
+
+    #[test]
+    fn the_default_activation_budget_is_a_quarter_of_the_available_memory() {
+        let budget = crate::train::default_activation_budget();
+        match available_memory_bytes() {
+            // Memory moves between the two reads; a quarter of it, within 1 GiB.
+            Some(available) => {
+                assert!((budget as i64 - (available / 4) as i64).abs() < 1 << 30, "{budget} vs {available}")
+            }
+            None => assert_eq!(budget, 0),
+        }
     }
 }

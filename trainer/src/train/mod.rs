@@ -19,7 +19,7 @@ pub use report::{JsonReporter, ProgressReporter, QuietReporter, Reporter, RunSum
 pub use run::{run_training, RunOptions};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{
-    forward_backward, forward_backward_keeping, layer_activation_bytes, layers_within_budget, LossScaling, MicroBatch,
-    MicroBatchOutput,
+    default_activation_budget, forward_backward, forward_backward_keeping, layer_activation_bytes,
+    layers_within_budget, LossScaling, MicroBatch, MicroBatchOutput,
 };
 pub use update::{optimizer_step, StepReport, StepSettings};

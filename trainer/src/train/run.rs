@@ -348,7 +348,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
         aux_coef,
         max_grad_norm: t.max_grad_norm,
         checkpointing: t.gradient_checkpointing,
-        activation_budget: t.activation_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+        activation_budget: t.activation_budget_bytes(),
     };
 
     let mut state =

@@ -98,6 +98,14 @@ pub fn layer_activation_bytes(config: &crate::model::ModelConfig, tokens: usize)
     (attention + feed_forward) * 4 * tokens as u64 * 5 / 4
 }
 
+/// The activation budget of a checkpointed step when the recipe sets none: a quarter of the memory
+/// available now (`MemAvailable`, read once when training starts), so that layers whose activations
+/// fit are not recomputed, while the rest of the machine keeps three quarters of what was free; 0
+/// (recompute every layer) where the OS does not say.
+pub fn default_activation_budget() -> u64 {
+    crate::system::available_memory_bytes().map_or(0, |bytes| bytes / 4)
+}
+
 /// How many of the last layers keep their activations (are not recomputed) within `budget` bytes.
 pub fn layers_within_budget(config: &crate::model::ModelConfig, tokens: usize, budget: u64) -> usize {
     let per_layer = layer_activation_bytes(config, tokens).max(1);
