@@ -14,7 +14,7 @@
 
 use super::parallel::{try_for_chunks, SharedMut};
 use super::sgemm::{sgemm_serial, MatRef};
-use super::storage::contiguous_f32;
+use super::storage::{contiguous_f32, output_f32};
 use super::vmath;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
@@ -154,7 +154,8 @@ impl CustomOp3 for FusedAttention {
         let groups = dims.groups();
         // The query heads sharing a key/value head are contiguous: one [groups * t, d] block of rows.
         let rows = groups * t;
-        let mut out = vec![0f32; b * heads * t * d];
+        // Every (batch, key/value head) unit writes all rows of its query heads.
+        let mut out = output_f32(b * heads * t * d);
         let mut row_stats = vec![0f32; 2 * b * heads * t];
         let (out_ptr, row_stats_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(row_stats.as_mut_ptr()));
         self.with_mask(dims, |mask| {

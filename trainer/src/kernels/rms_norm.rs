@@ -74,7 +74,8 @@ impl CustomOp2 for RmsNormOp {
         }
         let (xv, wv, dy) = (views[0], views[1], views[2]);
         let h = wv.len();
-        let mut dx = vec![0f32; xv.len()];
+        // Every row is written whole.
+        let mut dx = output_f32(xv.len());
         for_rows_mut(&mut dx, h, |r, dxr| {
             let (row, g) = (&xv[r * h..(r + 1) * h], &dy[r * h..(r + 1) * h]);
             let inv = inv_rms(row, self.eps);

@@ -4,7 +4,7 @@
 //! runs a transpose copy, two narrows, a negation, a concatenation, two products and a sum).
 
 use super::parallel::for_rows_mut;
-use super::storage::with_contiguous_f32;
+use super::storage::{output_f32, with_contiguous_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
@@ -37,7 +37,8 @@ impl CustomOp1 for RopeTranspose {
         let (t, h) = if self.backward { (d2, d1) } else { (d1, d2) };
         let half = d / 2;
         let (cos, sin) = (self.cos.contiguous()?, self.sin.contiguous()?);
-        let mut out = vec![0f32; x.len()];
+        // Each row's two halves are written whole when the head dimension is even (as RoPE needs).
+        let mut out = if d % 2 == 0 { output_f32(x.len()) } else { vec![0f32; x.len()] };
         with_contiguous_f32(&cos, "rope", |cos| {
             with_contiguous_f32(&sin, "rope", |sin| {
                 if cos.len() != b * t * d || sin.len() != b * t * d {

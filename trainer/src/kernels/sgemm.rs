@@ -107,6 +107,10 @@ fn product<T: Tile>(
     // stride `ldc`; the threads below write disjoint row or column ranges of `c`.
     unsafe {
         let big = a.rows * a.cols * b.cols >= SMALL;
+        if T::available() && big && n < NR / 2 && m >= NR {
+            narrow::<T>(a, b, c_ptr, ldc, accumulate, parallel);
+            return Ok(());
+        }
         if !(T::available() && a.rows >= MR && big) {
             let pool = candle_core::utils::barrier_pool();
             let threads = pool.n_workers() + 1;
@@ -155,6 +159,49 @@ fn product<T: Tile>(
         });
     }
     Ok(())
+}
+
+/// A narrow product (few columns, e.g. a LoRA down projection to rank 8) computed as its transpose
+/// `C^T = B^T A^T`, whose few rows fill most of the register tile's 12 rows where the few columns
+/// would leave most of its 32 columns empty; then added (or written) into `c` transposed.
+///
+/// # Safety
+/// As [`blocked`].
+unsafe fn narrow<T: Tile>(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: SharedMut<f32>,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (m, n) = (a.rows, b.cols);
+    let (at, bt) = (b.t(), a.t());
+    // C^T [n, m], every value written by the products below (accumulate = false).
+    let mut ct = super::storage::output_f32(n * m);
+    let ct_ptr = SharedMut(ct.as_mut_ptr());
+    let pool = candle_core::utils::barrier_pool();
+    let threads = if parallel { pool.n_workers() + 1 } else { 1 };
+    let span = m.div_ceil(threads).next_multiple_of(NR);
+    let columns = |tid: usize| {
+        let (lo, hi) = (tid * span, ((tid + 1) * span).min(m));
+        if lo < hi {
+            let part = MatRef { data: &bt.data[lo * bt.col_stride..], cols: hi - lo, ..bt };
+            blocked::<T>(at, part, ct_ptr.ptr().add(lo), m, false);
+        }
+    };
+    if threads > 1 {
+        pool.execute(columns);
+    } else {
+        columns(0);
+    }
+    for i in 0..m {
+        let row = std::slice::from_raw_parts_mut(c.ptr().add(i * ldc), n);
+        for (j, o) in row.iter_mut().enumerate() {
+            let v = ct[j * m + i];
+            *o = if accumulate { *o + v } else { v };
+        }
+    }
 }
 
 /// A deep product (`k` much larger than `m` and `n`, e.g. the lm_head's input gradient over the whole
@@ -551,8 +598,8 @@ mod tests {
 
     #[test]
     fn matches_a_float64_reference_on_every_layout_and_edge() {
-        // Shapes that exercise partial tiles, several K and N blocks, the row, column and depth splits and the
-        // fallback.
+        // Shapes that exercise partial tiles, several K and N blocks, the row, column and depth splits, narrow
+        // products and the fallback.
         for &(m, k, n) in &[
             (1, 7, 5),
             (2, 300, 1100),
@@ -562,6 +609,8 @@ mod tests {
             (200, 40, 48),
             (12, 260, 600),
             (16, 3001, 70),
+            (300, 200, 8),
+            (70, 40, 15),
         ] {
             for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
                 let av = values(m * k, 1);
@@ -588,7 +637,8 @@ mod tests {
     #[test]
     fn bf16_product_equals_the_product_of_the_rounded_operands() {
         let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
-        for &(m, k, n) in &[(13, 301, 33), (100, 513, 70), (25, 64, 1100), (200, 41, 48), (16, 3001, 70)] {
+        for &(m, k, n) in &[(13, 301, 33), (100, 513, 70), (25, 64, 1100), (200, 41, 48), (16, 3001, 70), (300, 200, 8)]
+        {
             for (ta, tb) in [(false, false), (false, true), (true, true)] {
                 let av = values(m * k, 7);
                 let bv = values(k * n, 8);

@@ -59,7 +59,8 @@ impl CustomOp2 for SwiGlu {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (gate, up, grad) = (gate.contiguous()?, up.contiguous()?, grad.contiguous()?);
         let n = gate.elem_count();
-        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        // Every span of both is written (`du` by `sigmoid` first).
+        let (mut dg, mut du) = (output_f32(n), output_f32(n));
         with_contiguous_f32(&gate, "swiglu", |g| {
             with_contiguous_f32(&up, "swiglu", |u| {
                 with_contiguous_f32(&grad, "swiglu", |dy| {
