@@ -272,3 +272,28 @@ fn keep_unquantized_is_checked_not_ignored() {
     let out = run(&args);
     assert!(out.status.success(), "keeping attention dense is allowed: {}", stderr(&out));
 }
+
+#[test]
+fn the_header_says_what_checkpointing_keeps_and_recomputes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let header = |extra: &[&str]| {
+        let mut args = base_args(tmp.path(), 1, 0);
+        for set in extra {
+            args.push("--set".into());
+            args.push((*set).into());
+        }
+        let out = run(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out).lines().find(|l| l.starts_with("memory")).map(String::from).unwrap_or_default()
+    };
+    // The quickstart's 2 layers fit in any default budget; 0 GiB recomputes both; no checkpointing keeps all.
+    let default = header(&[]);
+    assert!(
+        default.contains("keeps the activations of the last 2 of 2 layers") && default.ends_with("recomputes 0"),
+        "{default}"
+    );
+    let zero = header(&["train.activation_memory_gib=0"]);
+    assert!(zero.contains("last 0 of 2 layers") && zero.ends_with("recomputes 2"), "{zero}");
+    let off = header(&["train.gradient_checkpointing=false"]);
+    assert!(off.contains("no gradient checkpointing"), "{off}");
+}

@@ -29,6 +29,8 @@ pub struct RunHeader {
     pub start_step: u64,
     /// Run directory.
     pub run_dir: String,
+    /// What the backward keeps and recomputes (checkpointing and its activation budget), in words.
+    pub memory_plan: String,
 }
 
 /// An evaluation's results.
@@ -112,6 +114,7 @@ fn header_lines(h: &RunHeader) -> Vec<String> {
             if h.start_step > 0 { format!(" (resuming at step {})", h.start_step) } else { String::new() },
             h.run_dir
         ),
+        format!("memory    {}", h.memory_plan),
     ]
 }
 

@@ -14,7 +14,7 @@ use super::optim::{AdamW, AdamWConfig};
 use super::report::{EvalReport, Reporter, RunHeader, RunSummary};
 use super::run_checkpoint::{latest_checkpoint, save_checkpoint, RunCheckpoint};
 use super::schedule::Schedule;
-use super::step::MicroBatch;
+use super::step::{layer_activation_bytes, layers_within_budget, MicroBatch};
 use super::update::{optimizer_step, StepReport, StepSettings};
 use crate::lora::{attach_lora, peft, LoraInit, LoraPlan, LoraSettings, TrainableParams};
 use crate::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer, Nf4Options, ParameterCounts};
@@ -240,8 +240,29 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
         total_steps: 0,
         start_step: 0,
         run_dir: run_dir.root.display().to_string(),
+        memory_plan: memory_plan(recipe, &config),
     };
     Ok(Session { model, tokenizer, encoder, params, settings, batches, eval_batches, header })
+}
+
+/// The header's account of what a step keeps for its backward: every activation without checkpointing;
+/// with it, how many of the last layers the activation budget keeps for a full micro-batch.
+fn memory_plan(recipe: &Recipe, config: &ModelConfig) -> String {
+    let layers = config.num_layers;
+    match recipe.train.activation_budget_bytes() {
+        None => format!("no gradient checkpointing: the activations of all {layers} layers are kept"),
+        Some(budget) => {
+            let tokens = recipe.train.micro_batch_size * recipe.data.max_seq_len;
+            let kept = layers_within_budget(config, tokens, budget);
+            format!(
+                "gradient checkpointing: keeps the activations of the last {kept} of {layers} layers \
+                 (budget {:.2} GiB per micro-batch of {tokens} tokens, ~{:.2} GiB per layer), recomputes {}",
+                budget as f64 / (1u64 << 30) as f64,
+                layer_activation_bytes(config, tokens) as f64 / (1u64 << 30) as f64,
+                layers - kept
+            )
+        }
+    }
 }
 
 /// The loader's NF4 settings from `[quantization]`. Embeddings, norms, routers and lm_head always
