@@ -64,11 +64,17 @@ pub(crate) fn pack_f32(src: Lines<'_>, rows: usize, width: usize, kc: usize, out
     }
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if src.depth_stride == 1 && avx512_available() {
-        done = kc - kc % 16;
-        // SAFETY: AVX-512F is present; the lines hold `done` depths (`src` is in bounds for `kc`) and
-        // `out` holds `kc * width` words.
-        unsafe { transpose_f32(src, rows, width, done / 16, out) };
+    if avx512_available() {
+        if src.depth_stride == 1 {
+            done = kc - kc % 16;
+            // SAFETY: AVX-512F is present; the lines hold `done` depths (`src` is in bounds for `kc`) and
+            // `out` holds `kc * width` words.
+            unsafe { transpose_f32(src, rows, width, done / 16, out) };
+        } else if src.index_stride == 1 {
+            done = kc;
+            // SAFETY: as above; each depth's `rows` values are contiguous.
+            unsafe { copy_depths(src, rows, width, kc, out) };
+        }
     }
     scalar_f32(src.starting_at_depth(done), rows, width, kc - done, &mut out[done * width..]);
 }
@@ -239,6 +245,32 @@ unsafe fn transpose_lines<const BF16: bool>(src: Lines<'_>, rows: usize, width: 
             for (t, reg) in v.iter().enumerate() {
                 _mm512_mask_storeu_epi32(dst.add((chunk * 16 + t) * width + i0) as *mut i32, mask, *reg);
             }
+        }
+    }
+}
+
+/// Lines contiguous across the index (f32): each depth's values copied sixteen at a time (the scalar
+/// copy of 32 values per depth compiles to a `memcpy` call each).
+///
+/// # Safety
+/// AVX-512F present; `src.index_stride == 1`; depths `0..kc` hold `rows` values each; `out` holds
+/// `kc * width` words; `rows <= width`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_depths(src: Lines<'_>, rows: usize, width: usize, kc: usize, out: &mut [u32]) {
+    if kc == 0 || rows == 0 {
+        return;
+    }
+    let reach = (kc - 1) * src.depth_stride + rows;
+    assert!(src.base + reach <= src.data.len() && out.len() >= kc * width && rows <= width);
+    let data = src.data.as_ptr().add(src.base);
+    let dst = out.as_mut_ptr();
+    for p in 0..kc {
+        let line = data.add(p * src.depth_stride);
+        for i0 in (0..rows).step_by(16) {
+            let mask = first_lanes(rows - i0);
+            let v = _mm512_maskz_loadu_ps(mask, line.add(i0));
+            _mm512_mask_storeu_ps(dst.add(p * width + i0) as *mut f32, mask, v);
         }
     }
 }
