@@ -164,7 +164,8 @@ impl CustomOp3 for LoraLinear {
                             match &self.mask {
                                 None => sgemm(gh, a_m, &mut dx, inp, true).map_err(msg)?,
                                 Some(mask) => {
-                                    let mut part = vec![0f32; m * inp];
+                                    // Overwritten by the product (accumulate = false).
+                                    let mut part = output_f32(m * inp);
                                     sgemm(gh, a_m, &mut part, inp, false).map_err(msg)?;
                                     for ((d, p), k) in dx.iter_mut().zip(&part).zip(mask.iter()) {
                                         *d += p * k;
@@ -205,10 +206,10 @@ mod tests {
 
     /// The fused op against `x W^T + s ((x * mask) A^T) B^T` composed from candle ops: output and the
     /// gradients of x, A and B.
-    fn check(weight: FrozenWeight, dense: &Tensor, mask: Option<Vec<f32>>) {
+    fn check(weight: FrozenWeight, dense: &Tensor, m: usize, r: usize, mask: Option<Vec<f32>>) {
         let dev = Device::Cpu;
         let (out, inp) = dense.dims2().unwrap();
-        let (m, r, scale) = (37usize, 4usize, 1.75f64);
+        let scale = 1.75f64;
         let xv = values(m * inp, 1, 1.0);
         let upstream = Tensor::from_vec(values(m * out, 5, 1.0), (m, out), &dev).unwrap();
         let run = |fused: bool| {
@@ -254,12 +255,15 @@ mod tests {
         let w = values(out * inp, 9, 0.5);
         let dense = Tensor::from_vec(w.clone(), (out, inp), &dev).unwrap();
         let keep = 0.8f32;
-        let mask: Vec<f32> = (0..37 * inp).map(|i| if (i * 31) % 5 == 0 { 0.0 } else { 1.0 / keep }).collect();
-        check(FrozenWeight::dense(&dense).unwrap(), &dense, None);
-        check(FrozenWeight::dense(&dense).unwrap(), &dense, Some(mask.clone()));
+        let mask =
+            |m: usize| -> Vec<f32> { (0..m * inp).map(|i| if (i * 31) % 5 == 0 { 0.0 } else { 1.0 / keep }).collect() };
+        check(FrozenWeight::dense(&dense).unwrap(), &dense, 37, 4, None);
+        check(FrozenWeight::dense(&dense).unwrap(), &dense, 37, 4, Some(mask(37)));
+        // Large enough that the rank-8 products take the blocked kernels' narrow path.
+        check(FrozenWeight::dense(&dense).unwrap(), &dense, 300, 8, Some(mask(300)));
         let q = Nf4Weight::quantize_with(&w, &[out, inp], &QuantizeOptions::default()).unwrap();
         let dq = Tensor::from_vec(q.dequantize(), (out, inp), &dev).unwrap();
-        check(FrozenWeight::nf4(q).unwrap(), &dq, Some(mask));
+        check(FrozenWeight::nf4(q).unwrap(), &dq, 37, 4, Some(mask(37)));
     }
 
     #[test]

@@ -303,8 +303,8 @@ unsafe fn interleave_depths(src: Lines<'_>, rows: usize, width: usize, words: us
                 _mm512_maskz_loadu_ps(mask, odd.add(i0)),
                 _mm512_maskz_loadu_ps(mask, even.add(i0)),
             );
-            let words = _mm512_permutexvar_epi16(order, std::mem::transmute::<__m512bh, __m512i>(pairs));
-            _mm512_mask_storeu_epi32(dst.add(q * width + i0) as *mut i32, mask, words);
+            let interleaved = _mm512_permutexvar_epi16(order, std::mem::transmute::<__m512bh, __m512i>(pairs));
+            _mm512_mask_storeu_epi32(dst.add(q * width + i0) as *mut i32, mask, interleaved);
         }
     }
 }

@@ -210,7 +210,7 @@ unsafe fn narrow<T: Tile>(
 /// scratch products that are then added in.
 ///
 /// # Safety
-/// As [`blocked`]; `threads` is the pool's thread count and `k >= threads`.
+/// As [`blocked`]; `threads` is the pool's thread count.
 unsafe fn split_depth<T: Tile>(
     a: MatRef<'_>,
     b: MatRef<'_>,
@@ -221,7 +221,8 @@ unsafe fn split_depth<T: Tile>(
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let span = k.div_ceil(threads).next_multiple_of(2);
-    // Every share but the first is written whole (its depth range is not empty: k >= SPLIT_DEPTH * n >= threads).
+    // Every share but the first is written whole by its product, or zeroed when its depth range is empty
+    // (more threads than depth pairs); the first range is never empty.
     let mut partial = super::storage::output_f32((threads - 1) * m * n);
     let parts = SharedMut(partial.as_mut_ptr());
     candle_core::utils::barrier_pool().execute(|tid| {
@@ -655,6 +656,38 @@ mod tests {
                 for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
                     let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-5 * w.abs();
                     assert!((got as f64 - w).abs() <= tol, "m{m} k{k} n{n} at {idx}: {got} vs {w}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn narrow_deep_and_serial_products_respect_the_row_stride() {
+        // Narrow (n < 16) and deep (k >= 8 max(m, n)) shapes, into rows wider than n, on the pool and serially.
+        for &(m, k, n) in &[(300, 200, 8), (20, 2000, 40)] {
+            let ldc = n + 5;
+            let (av, bv) = (values(m * k, 9), values(k * n, 10));
+            let (a, b) = (MatRef::row_major(&av, m, k), MatRef::row_major(&bv, k, n));
+            let want = reference(a, b);
+            for parallel in [true, false] {
+                for accumulate in [false, true] {
+                    let mut c = vec![0.25f32; m * ldc];
+                    if parallel {
+                        sgemm(a, b, &mut c, ldc, accumulate).expect("sgemm");
+                    } else {
+                        sgemm_serial(a, b, &mut c, ldc, accumulate).expect("sgemm");
+                    }
+                    for i in 0..m {
+                        for j in 0..n {
+                            let w = want[i * n + j] + if accumulate { 0.25 } else { 0.0 };
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                "m{m} k{k} n{n} ({i}, {j}): {got} vs {w}"
+                            );
+                        }
+                        assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == 0.25), "row {i} padding written");
+                    }
                 }
             }
         }
