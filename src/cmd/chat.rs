@@ -8,7 +8,7 @@ use std::io::{BufRead, Write};
 
 use anyhow::{Context, Result};
 use datasets::{Conversation, Message, Role};
-use trainer::infer::{generate, GenerateRequest, GenerationDefaults, SamplingParams};
+use trainer::infer::{generate, GenerateRequest, GenerationDefaults, SamplingOverrides, SamplingParams};
 use trainer::model::Model;
 
 use super::model_args::ModelArgs;
@@ -48,10 +48,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let mut adapter_args = args.model.adapter.clone();
     let mut model = with_adapters(&base, &adapter_args)?;
     let defaults = GenerationDefaults::load(&args.model.model).unwrap_or_default();
-    let mut sampling: SamplingParams = defaults.sampling();
-    if let Some(t) = args.temperature {
-        sampling.temperature = t;
-    }
+    let mut sampling =
+        defaults.sampling().overridden(SamplingOverrides { temperature: args.temperature, ..Default::default() });
     let mut max_tokens = args.max_new_tokens;
     let mut seed = args.seed;
     let eos_ids = if defaults.eos_token_ids.is_empty() { tokenizer.eos_ids.clone() } else { defaults.eos_token_ids };

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use trainer::infer::{generate, GenerateRequest, GenerationDefaults};
+use trainer::infer::{generate, GenerateRequest, GenerationDefaults, SamplingOverrides};
 
 use super::model_args::{parse_ids, ModelArgs};
 
@@ -67,19 +67,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         _ => bail!("give one of --prompt, --chat or --prompt-ids"),
     };
     let defaults = GenerationDefaults::load(&args.model.model)?;
-    let mut sampling = defaults.sampling();
-    if let Some(t) = args.temperature {
-        sampling.temperature = t;
-    }
-    if let Some(k) = args.top_k {
-        sampling.top_k = k;
-    }
-    if let Some(p) = args.top_p {
-        sampling.top_p = p;
-    }
-    if let Some(r) = args.repetition_penalty {
-        sampling.repetition_penalty = r;
-    }
+    let sampling = defaults.sampling().overridden(SamplingOverrides {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+    });
     let eos_ids = if args.ignore_eos {
         Vec::new()
     } else if !defaults.eos_token_ids.is_empty() {

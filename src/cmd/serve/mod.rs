@@ -36,7 +36,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use trainer::infer::{GenerateRequest, GenerationDefaults, SamplingParams, StopReason};
+use trainer::infer::{GenerateRequest, GenerationDefaults, SamplingOverrides, StopReason};
 use trainer::model::{Model, ModelTokenizer};
 
 use self::api::{chat_prompt_ids, parse_body, parse_object, parse_tool_calls, read_body, ApiError};
@@ -485,16 +485,12 @@ fn prepare(
             )
         });
     }
-    let mut sampling: SamplingParams = state.defaults.sampling();
-    if let Some(t) = params.temperature {
-        sampling.temperature = t;
-    }
-    if let Some(p) = params.top_p {
-        sampling.top_p = p;
-    }
-    if let Some(k) = params.top_k {
-        sampling.top_k = k;
-    }
+    let sampling = state.defaults.sampling().overridden(SamplingOverrides {
+        temperature: params.temperature,
+        top_k: params.top_k,
+        top_p: params.top_p,
+        repetition_penalty: None,
+    });
     let seed = params.seed.unwrap_or_else(|| {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         state.next_id.load(Ordering::Relaxed) ^ nanos

@@ -12,4 +12,4 @@ pub use generate::{generate, GenerateRequest, Generation, StopReason};
 pub use generation_config::GenerationDefaults;
 pub use kv_cache::{KvCache, LayerCache};
 pub use rng::Rng;
-pub use sampler::SamplingParams;
+pub use sampler::{SamplingOverrides, SamplingParams};

@@ -19,6 +19,31 @@ pub struct SamplingParams {
     pub repetition_penalty: f64,
 }
 
+/// Settings given on a command line or in a request, each replacing the model's default when set.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplingOverrides {
+    /// Replaces [`SamplingParams::temperature`].
+    pub temperature: Option<f64>,
+    /// Replaces [`SamplingParams::top_k`].
+    pub top_k: Option<usize>,
+    /// Replaces [`SamplingParams::top_p`].
+    pub top_p: Option<f64>,
+    /// Replaces [`SamplingParams::repetition_penalty`].
+    pub repetition_penalty: Option<f64>,
+}
+
+impl SamplingParams {
+    /// These settings with every value `overrides` sets replacing its own.
+    pub fn overridden(self, overrides: SamplingOverrides) -> Self {
+        SamplingParams {
+            temperature: overrides.temperature.unwrap_or(self.temperature),
+            top_k: overrides.top_k.unwrap_or(self.top_k),
+            top_p: overrides.top_p.unwrap_or(self.top_p),
+            repetition_penalty: overrides.repetition_penalty.unwrap_or(self.repetition_penalty),
+        }
+    }
+}
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 }
@@ -156,6 +181,27 @@ mod tests {
         for (c, expected) in counts.iter().zip([0.125, 0.25, 0.625]) {
             assert!((*c as f64 / n as f64 - expected).abs() < 0.01, "{counts:?}");
         }
+    }
+
+    #[test]
+    fn overrides_replace_only_what_they_set() {
+        let base = SamplingParams { temperature: 0.7, top_k: 50, top_p: 0.9, repetition_penalty: 1.1 };
+        assert_eq!(base.clone().overridden(SamplingOverrides::default()), base);
+        let o = SamplingOverrides { temperature: Some(0.0), top_p: Some(1.0), ..Default::default() };
+        assert_eq!(
+            base.clone().overridden(o),
+            SamplingParams { temperature: 0.0, top_k: 50, top_p: 1.0, repetition_penalty: 1.1 }
+        );
+        let all = SamplingOverrides {
+            temperature: Some(1.5),
+            top_k: Some(3),
+            top_p: Some(0.5),
+            repetition_penalty: Some(1.3),
+        };
+        assert_eq!(
+            base.overridden(all),
+            SamplingParams { temperature: 1.5, top_k: 3, top_p: 0.5, repetition_penalty: 1.3 }
+        );
     }
 
     #[test]
