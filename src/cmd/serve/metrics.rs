@@ -63,8 +63,6 @@ pub(super) struct Metrics {
     pub decode_steps: AtomicU64,
     /// Sequences advanced by those steps (their sum of batch sizes).
     pub decode_sequences: AtomicU64,
-    /// Total seconds (in microseconds) from request to completion, over completed requests.
-    pub latency_micros: AtomicU64,
     /// Gauge: accepted requests waiting for the worker to start them.
     pub queue_depth: AtomicU64,
     /// Gauge: sequences being decoded (all models together).
@@ -86,7 +84,6 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             decode_steps: AtomicU64::new(0),
             decode_sequences: AtomicU64::new(0),
-            latency_micros: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             batch_size: AtomicU64::new(0),
             request_latency: Histogram::new(&LATENCY_BUCKETS),
@@ -148,7 +145,7 @@ impl Metrics {
                 "tramontane_generation_seconds_total",
                 "counter",
                 "Seconds from request to completion, summed over completed requests.",
-                format!("{:.6}", get(&self.latency_micros) as f64 / 1e6),
+                format!("{:.6}", get(&self.request_latency.sum_nanos) as f64 / 1e9),
             ),
             (
                 "tramontane_queue_depth",

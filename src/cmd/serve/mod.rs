@@ -353,17 +353,14 @@ async fn handle(
                         let _ = tx.send(Ok(chunk(json!({}), Some(finish))));
                         break;
                     }
-                    Some(WorkerEvent::Failed(msg)) => {
+                    failed => {
+                        // The worker failed this request, or stopped altogether.
                         state2.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                        let err =
-                            json!({"error": {"message": msg, "type": "server_error", "param": null, "code": null}});
-                        let _ = tx.send(Ok(Event::default().data(err.to_string())));
-                        break;
-                    }
-                    None => {
-                        state2.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                        let err = json!({"error": {"message": "the generation worker stopped",
-                            "type": "server_error", "param": null, "code": null}});
+                        let msg = match failed {
+                            Some(WorkerEvent::Failed(msg)) => msg,
+                            _ => "the generation worker stopped".to_string(),
+                        };
+                        let err = ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, msg).body();
                         let _ = tx.send(Ok(Event::default().data(err.to_string())));
                         break;
                     }
@@ -422,7 +419,7 @@ fn prepare(
     check_key(state, headers)?;
     let raw = read_body(body)?;
     let value = parse_object(&raw)?;
-    let params: CommonParams = serde_json::from_value(value.clone())
+    let params = CommonParams::deserialize(&value)
         .map_err(|e| ApiError::invalid(format!("invalid request parameters: {e}"), None))?;
     let model = params.model.clone().ok_or_else(|| ApiError::invalid("`model` is required", Some("model")))?;
     let names = state.models.read().map(|m| m.clone()).unwrap_or_default();

@@ -270,16 +270,13 @@ impl Worker {
 
     /// Reports a finished sequence.
     fn complete(&self, active: Active) {
-        let ids = active.seq.generated().to_vec();
-        let tool_call = self.tool_calls_id.is_some_and(|t| ids.first() == Some(&t));
         let generation = active.seq.into_generation();
-        let elapsed = active.received.elapsed();
-        self.metrics.request_latency.observe(elapsed);
-        self.metrics.latency_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-        self.metrics.completion_tokens.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        let tool_call = self.tool_calls_id.is_some_and(|t| generation.ids.first() == Some(&t));
+        self.metrics.request_latency.observe(active.received.elapsed());
+        self.metrics.completion_tokens.fetch_add(generation.ids.len() as u64, Ordering::Relaxed);
         let _ = active.events.send(WorkerEvent::Done {
             text: generation.text,
-            ids,
+            ids: generation.ids,
             stop: generation.stop_reason,
             tool_call,
         });

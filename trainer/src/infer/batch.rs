@@ -41,7 +41,7 @@ pub struct Sequence {
     /// What of `text` was already handed to `on_text`.
     stream: TextStream,
     stop_reason: Option<StopReason>,
-    prefilled: bool,
+    /// When the prefill began (`None` until then).
     started: Option<Instant>,
     prefill_seconds: f64,
 }
@@ -59,7 +59,6 @@ impl Sequence {
             text: String::new(),
             stream: TextStream::default(),
             stop_reason: None,
-            prefilled: false,
             started: None,
             prefill_seconds: 0.0,
             request,
@@ -93,7 +92,7 @@ impl Sequence {
 
     /// Whether the sequence can take part in a [`decode_step`]: prefilled and not finished.
     pub fn is_decoding(&self) -> bool {
-        self.prefilled && self.stop_reason.is_none()
+        self.started.is_some() && self.stop_reason.is_none()
     }
 
     /// Runs the prompt through `model` (alone) and picks the first token; `on_text` gets the text that became
@@ -104,10 +103,9 @@ impl Sequence {
         tokenizer: Option<&ModelTokenizer>,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<()> {
-        if self.prefilled {
+        if self.started.is_some() {
             return Err(Error::Invalid("the sequence is already prefilled".into()));
         }
-        self.prefilled = true;
         let start = Instant::now();
         self.started = Some(start);
         if self.request.max_new_tokens == 0 {

@@ -37,14 +37,8 @@ impl LoraLinear {
         scale: f64,
         mask: Option<Vec<f32>>,
     ) -> candle_core::Result<Option<Tensor>> {
-        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-        if !(f32_cpu(x) && f32_cpu(a) && f32_cpu(b)) {
+        if !Self::applies(x, weight, a, b) {
             return Ok(None);
-        }
-        if let FrozenWeight::Dense(w) = weight {
-            if !f32_cpu(w) {
-                return Ok(None);
-            }
         }
         if mask.as_ref().is_some_and(|m| m.len() != x.elem_count()) {
             bail!("lora linear: {} dropout multipliers for an input of {:?}", mask.map_or(0, |m| m.len()), x.dims())
@@ -56,6 +50,16 @@ impl LoraLinear {
             hidden: Mutex::new(Vec::new()),
         };
         x.contiguous()?.apply_op3_arc(a, b, Arc::new(Box::new(op))).map(Some)
+    }
+
+    /// Whether the fused op computes this product: everything f32 on the CPU (an NF4 weight always is).
+    pub fn applies(x: &Tensor, weight: &FrozenWeight, a: &Tensor, b: &Tensor) -> bool {
+        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        let weight_ok = match weight {
+            FrozenWeight::Dense(w) => f32_cpu(w),
+            FrozenWeight::Nf4(_) => true,
+        };
+        f32_cpu(x) && f32_cpu(a) && f32_cpu(b) && weight_ok
     }
 
     /// `x * mask`, or `x` itself without dropout.

@@ -89,6 +89,10 @@ impl LoraAdapter {
     /// `base(x) + delta(x)` for a frozen base weight as one fused op (see
     /// [`crate::kernels::lora_linear`]); `None` where it does not apply (not f32 on the CPU).
     pub fn forward_with_base(&self, base: &FrozenWeight, x: &Tensor) -> Result<Option<Tensor>> {
+        // Checked before drawing the mask, which the composed path would otherwise draw a second time.
+        if !LoraLinear::applies(x, base, self.a.as_tensor(), self.b.as_tensor()) {
+            return Ok(None);
+        }
         let mask = self.dropout_mask(x.elem_count());
         LoraLinear::forward(x, base, self.a.as_tensor(), self.b.as_tensor(), self.scale, mask)
     }
