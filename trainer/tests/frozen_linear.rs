@@ -51,9 +51,9 @@ fn loss(y: &Tensor, c: &Tensor) -> Tensor {
     (y.sqr().unwrap() * c).unwrap().sum_all().unwrap()
 }
 
-/// NF4 forward equals `x @ dequant(W)^T` for 2-D and 3-D inputs, over several tiles (600x2000 > one
-/// 2^20-float tile) and for a small odd shape; inference (no gradient) gives the same values without
-/// attaching anything to the graph.
+/// NF4 forward equals `x @ dequant(W)^T` for 2-D and 3-D inputs (a 600x2000 weight and a small odd
+/// shape; products over several tiles are tested in `nf4_matmul`); inference (no gradient) gives the
+/// same values without attaching anything to the graph.
 #[test]
 fn nf4_forward_matches_dequantized_matmul() {
     for (out, inp, xdims) in

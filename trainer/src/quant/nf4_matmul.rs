@@ -29,11 +29,15 @@ fn tile_rows(w: &Nf4Weight) -> usize {
     (TILE_FLOATS / w.cols()).clamp(1, w.rows())
 }
 
-/// Dequantizes `w` tile by tile (blocks of rows) into one scratch buffer and hands each tile
+/// Dequantizes `w` `tile` rows at a time into one scratch buffer and hands each tile
 /// `(first row, end row, values [rows, cols])` to `f`: no full f32 copy of the weight exists at once.
-fn for_each_tile(w: &Nf4Weight, mut f: impl FnMut(usize, usize, &[f32]) -> crate::Result<()>) -> crate::Result<()> {
+fn for_each_tile(
+    w: &Nf4Weight,
+    tile: usize,
+    mut f: impl FnMut(usize, usize, &[f32]) -> crate::Result<()>,
+) -> crate::Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
-    let tile = tile_rows(w);
+    let tile = tile.max(1);
     // The scratch is kept per thread between calls (every value is overwritten before it is read).
     let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     if scratch.len() < tile * cols {
@@ -56,6 +60,11 @@ thread_local! {
 
 /// `y [m, rows] = x [m, cols] W^T`, all row-major. Errors when the slices do not match the sizes.
 pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::Result<()> {
+    forward_tiled(w, x, m, y, tile_rows(w))
+}
+
+/// [`forward_cpu`] with `tile` weight rows per dequantized tile.
+fn forward_tiled(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32], tile: usize) -> crate::Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
     if x.len() != m * cols || y.len() != m * rows {
         return Err(crate::Error::Invalid(format!(
@@ -67,7 +76,7 @@ pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::
     if m == 0 {
         return Ok(());
     }
-    for_each_tile(w, |r0, r1, t| {
+    for_each_tile(w, tile, |r0, r1, t| {
         // Columns r0..r1 of `y` (row stride `rows`) = x [m, cols] times the tile read as its transpose.
         let tile = MatRef::row_major(t, r1 - r0, cols).t();
         frozen_gemm(MatRef::row_major(x, m, cols), tile, &mut y[r0..], rows, false).map_err(crate::Error::Invalid)
@@ -76,6 +85,11 @@ pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::
 
 /// `dx [m, cols] = g [m, rows] W`, all row-major: the tiles' products are accumulated into `dx`.
 pub fn input_grad_cpu(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32]) -> crate::Result<()> {
+    input_grad_tiled(w, g, m, dx, tile_rows(w))
+}
+
+/// [`input_grad_cpu`] with `tile` weight rows per dequantized tile.
+fn input_grad_tiled(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32], tile: usize) -> crate::Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
     if g.len() != m * rows || dx.len() != m * cols {
         return Err(crate::Error::Invalid(format!(
@@ -87,7 +101,7 @@ pub fn input_grad_cpu(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32]) -> cra
     if m == 0 {
         return Ok(());
     }
-    for_each_tile(w, |r0, r1, t| {
+    for_each_tile(w, tile, |r0, r1, t| {
         // dx [m, cols] += columns r0..r1 of g (row stride `rows`) times the tile [r1 - r0, cols].
         let g_cols = MatRef { data: &g[r0..], rows: m, cols: r1 - r0, row_stride: rows, col_stride: 1 };
         frozen_gemm(g_cols, MatRef::row_major(t, r1 - r0, cols), dx, cols, r0 > 0).map_err(crate::Error::Invalid)
@@ -150,5 +164,38 @@ impl CustomOp1 for Nf4MatMul {
             *l = n;
         }
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::QuantizeOptions;
+
+    /// Several tiles (including a ragged last one) give the products of the whole dequantized weight.
+    #[test]
+    fn products_over_several_tiles_equal_the_dequantized_products() {
+        let (rows, cols, m) = (70usize, 64usize, 13usize);
+        let wv: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 401) as f32 / 200.0 - 1.0).collect();
+        let w = Nf4Weight::quantize_with(&wv, &[rows, cols], &QuantizeOptions::default()).unwrap();
+        let dq = w.dequantize();
+        let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        let g: Vec<f32> = (0..m * rows).map(|i| ((i * 13) % 23) as f32 / 11.0 - 1.0).collect();
+        // f64 references: y = x dq^T, dx = g dq.
+        let y_ref: Vec<f64> = (0..m * rows)
+            .map(|o| (0..cols).map(|k| x[o / rows * cols + k] as f64 * dq[o % rows * cols + k] as f64).sum())
+            .collect();
+        let dx_ref: Vec<f64> = (0..m * cols)
+            .map(|o| (0..rows).map(|r| g[o / cols * rows + r] as f64 * dq[r * cols + o % cols] as f64).sum())
+            .collect();
+        for tile in [rows, 16, 7] {
+            let mut y = vec![0f32; m * rows];
+            forward_tiled(&w, &x, m, &mut y, tile).unwrap();
+            let mut dx = vec![0f32; m * cols];
+            input_grad_tiled(&w, &g, m, &mut dx, tile).unwrap();
+            for (got, want) in y.iter().zip(&y_ref).chain(dx.iter().zip(&dx_ref)) {
+                assert!((*got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "tile {tile}: {got} vs {want}");
+            }
+        }
     }
 }
