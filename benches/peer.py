@@ -100,17 +100,18 @@ def model_config(name):
         sliding_window=None,
         initializer_range=0.02,
     )
+    # The training cases' shapes (hidden 512, intermediate 1536, 4 layers, 8/2 heads).
+    small = dict(
+        hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=4096, **common,
+    )
     if name == "mistral":
-        return MistralConfig(
-            hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=2, max_position_embeddings=4096, **common,
-        )
+        return MistralConfig(**small)
     if name == "mixtral":
         # Router aux loss in the training loss with coefficient 0.02, like our StepSettings::aux_coef.
         return MixtralConfig(
-            hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=2, max_position_embeddings=4096, num_local_experts=4, num_experts_per_tok=2,
-            output_router_logits=True, router_aux_loss_coef=0.02, router_jitter_noise=0.0, **common,
+            num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.02,
+            router_jitter_noise=0.0, **small,
         )
     if name == "generate":
         return MistralConfig(

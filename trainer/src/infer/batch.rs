@@ -20,7 +20,6 @@ use super::kv_cache::KvCache;
 use super::rng::Rng;
 use super::sampler::sample;
 use crate::model::attention::attend;
-use crate::model::decoder::FeedForward;
 use crate::model::mask::MaskSpec;
 use crate::model::rope::Rotary;
 use crate::model::{Layout, Model, ModelTokenizer};
@@ -234,28 +233,14 @@ pub fn forward_step(model: &Model, tokens: &[u32], caches: &mut [&mut KvCache]) 
     // Each sequence's mask over its own cache (none is needed unless the cache holds keys out of the window).
     let masks = caches
         .iter()
-        .map(|cache| {
-            MaskSpec {
-                batch: 1,
-                q_len: 1,
-                q_start: cache.seen(),
-                kv_len: cache.seen() + 1 - cache.start(),
-                k_start: cache.start(),
-                window: c.sliding_window,
-                documents: None,
-                key_valid: None,
-            }
-            .build(device)
-        })
+        .map(|cache| MaskSpec::after_cache(1, 1, Some(cache), c.sliding_window).build(device))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
     let mut h = model.embed(&ids)?;
     for (l, layer) in model.layers.iter().enumerate() {
-        let x = layer.input_layernorm.forward(&h)?;
+        // The layer's own projections and feed-forward half; only the attention runs per sequence, each
+        // over its own cache.
         let attn = &layer.self_attn;
-        let q = rotary.apply_to_heads(&attn.q_proj.forward(&x)?.reshape((n, 1, nh, hd))?)?;
-        let k = rotary.apply_to_heads(&attn.k_proj.forward(&x)?.reshape((n, 1, nkv, hd))?)?;
-        let v = attn.v_proj.forward(&x)?.reshape((n, 1, nkv, hd))?.transpose(1, 2)?;
+        let (q, k, v) = attn.project(&layer.input_layernorm.forward(&h)?, &rotary)?;
         let mut outs = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
             let (ks, vs) =
@@ -263,13 +248,7 @@ pub fn forward_step(model: &Model, tokens: &[u32], caches: &mut [&mut KvCache]) 
             outs.push(attend(&q.narrow(0, i, 1)?, &ks, &vs, masks[i].as_ref())?);
         }
         let attn_out = attn.o_proj.forward(&Tensor::cat(&outs, 0)?)?;
-        let h2 = (h + attn_out)?;
-        let normed = layer.post_attention_layernorm.forward(&h2)?;
-        let ff = match &layer.feed_forward {
-            FeedForward::Dense(mlp) => mlp.forward(&normed)?,
-            FeedForward::Sparse(moe) => moe.forward(&normed)?.0,
-        };
-        h = (h2 + ff)?;
+        h = layer.feed_forward_residual(&(h + attn_out)?)?.0;
     }
     for cache in caches.iter_mut() {
         cache.advance(1)?;

@@ -33,6 +33,18 @@ impl Attention {
         Attention { q_proj, k_proj, v_proj, o_proj, num_heads, num_kv_heads, head_dim }
     }
 
+    /// The heads of `x` `[b, t, hidden]`: queries and keys rotated, `[b, heads, t, head_dim]` and
+    /// `[b, kv_heads, t, head_dim]`, values `[b, kv_heads, t, head_dim]` (keys and values contiguous, as a
+    /// cache stores them).
+    pub fn project(&self, x: &Tensor, rotary: &Rotary) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = rotary.apply_to_heads(&self.q_proj.forward(x)?.reshape((b, t, nh, hd))?)?;
+        let k = rotary.apply_to_heads(&self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?)?.contiguous()?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        Ok((q, k, v))
+    }
+
     /// Attends `x` `[b, t, hidden]`; `mask` is `[b|1, 1, 1, t, keys]` or `None` (nothing masked).
     pub fn forward(
         &self,
@@ -41,12 +53,7 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = rotary.apply_to_heads(&self.q_proj.forward(x)?.reshape((b, t, nh, hd))?)?;
-        let k = rotary.apply_to_heads(&self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?)?.contiguous()?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = v.contiguous()?;
+        let (q, k, v) = self.project(x, rotary)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v)?,
             None => (k, v),

@@ -58,8 +58,14 @@ impl DecoderLayer {
     /// Runs the layer on `x` `[b, t, hidden]`.
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&mut LayerCache>) -> Result<LayerOutput> {
         let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, &ctx.rotary, ctx.mask.as_ref(), cache)?;
-        let h = (x + attn)?;
-        let normed = self.post_attention_layernorm.forward(&h)?;
+        let (hidden, router_logits) = self.feed_forward_residual(&(x + attn)?)?;
+        Ok(LayerOutput { hidden, router_logits })
+    }
+
+    /// The layer's second half on the residual stream `h` after attention: `h + ffn(norm(h))`, with the
+    /// router logits of an MoE layer.
+    pub fn feed_forward_residual(&self, h: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let normed = self.post_attention_layernorm.forward(h)?;
         let (ff, router_logits) = match &self.feed_forward {
             FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None),
             FeedForward::Sparse(moe) => {
@@ -67,7 +73,7 @@ impl DecoderLayer {
                 (y, Some(logits))
             }
         };
-        Ok(LayerOutput { hidden: (h + ff)?, router_logits })
+        Ok(((h + ff)?, router_logits))
     }
 }
 
@@ -120,7 +126,7 @@ impl Model {
 
     /// Builds the rotary tables and mask of a pass over `[b, t]` tokens, given what the cache holds.
     pub fn context(&self, b: usize, t: usize, layout: Layout<'_>, cache: Option<&KvCache>) -> Result<LayerContext> {
-        let (q_start, k_start) = cache.map_or((0, 0), |c| (c.seen(), c.start()));
+        let q_start = cache.map_or(0, |c| c.seen());
         let default_positions: Vec<u32>;
         let positions = match layout.positions {
             Some(p) => {
@@ -137,14 +143,9 @@ impl Model {
         let c = &self.config;
         let rotary = Rotary::new(positions, b, c.head_dim, c.rope_theta, self.dtype, &self.device)?;
         let spec = MaskSpec {
-            batch: b,
-            q_len: t,
-            q_start,
-            kv_len: q_start + t - k_start,
-            k_start,
-            window: c.sliding_window,
             documents: layout.documents,
             key_valid: layout.key_valid,
+            ..MaskSpec::after_cache(b, t, cache, c.sliding_window)
         };
         Ok(LayerContext { rotary, mask: spec.build(&self.device)? })
     }

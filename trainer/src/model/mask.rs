@@ -29,6 +29,28 @@ pub struct MaskSpec<'a> {
 pub const MASKED: f32 = f32::MIN;
 
 impl MaskSpec<'_> {
+    /// `q_len` new tokens in each of `batch` rows after what `cache` holds (queries start at the tokens
+    /// it has seen, keys at the oldest it still keeps; nothing without a cache), with no documents or
+    /// padding.
+    pub fn after_cache(
+        batch: usize,
+        q_len: usize,
+        cache: Option<&crate::infer::KvCache>,
+        window: Option<usize>,
+    ) -> Self {
+        let (q_start, k_start) = cache.map_or((0, 0), |c| (c.seen(), c.start()));
+        MaskSpec {
+            batch,
+            q_len,
+            q_start,
+            kv_len: q_start + q_len - k_start,
+            k_start,
+            window,
+            documents: None,
+            key_valid: None,
+        }
+    }
+
     /// Whether no key is ever forbidden (a single query over a full, unwindowed, unpadded cache),
     /// in which case no mask tensor is needed.
     fn is_trivial(&self) -> bool {
