@@ -6,6 +6,10 @@ mod cmd;
 
 use clap::{Parser, Subcommand};
 
+/// An allocation that cannot be met ends the command with a message and status 1, not an abort.
+#[global_allocator]
+static ALLOCATOR: trainer::system::ExitOnOutOfMemory = trainer::system::ExitOnOutOfMemory;
+
 /// LoRA and QLoRA fine-tuning of Mistral-family models (Mistral 7B, Mixtral 8x7B/8x22B).
 #[derive(Parser)]
 #[command(name = "tramontane", version, about, long_about = None)]

@@ -7,7 +7,8 @@ use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// String-keyed entries in insertion order, (de)serialized as a JSON object.
+/// String-keyed entries in insertion order, (de)serialized as a JSON object. Read like Python reads it into a
+/// dict: file order, and a repeated key keeps its first place with its last value.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct OrderedMap<T>(pub Vec<(String, T)>);
 
@@ -43,9 +44,13 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for OrderedVisitor<T> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
-        let mut out = Vec::new();
+        // As Python's `json.loads` builds a dict: a repeated key keeps its first position and takes the last value.
+        let mut out: Vec<(String, T)> = Vec::new();
         while let Some((k, v)) = access.next_entry::<String, T>()? {
-            out.push((k, v));
+            match out.iter_mut().find(|(seen, _)| *seen == k) {
+                Some(entry) => entry.1 = v,
+                None => out.push((k, v)),
+            }
         }
         Ok(OrderedMap(out))
     }
@@ -58,5 +63,20 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for OrderedVisitor<T> {
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for OrderedMap<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(OrderedVisitor(std::marker::PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_order_kept_and_repeated_keys_read_as_python_does() {
+        // json.loads('{"q_proj": 4, "layers.0.q_proj": 2, "q_proj": 8}') == {"q_proj": 8, "layers.0.q_proj": 2}
+        let m: OrderedMap<usize> = serde_json::from_str(r#"{"q_proj": 4, "layers.0.q_proj": 2, "q_proj": 8}"#).unwrap();
+        assert_eq!(m.0, vec![("q_proj".to_string(), 8), ("layers.0.q_proj".to_string(), 2)]);
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"q_proj":8,"layers.0.q_proj":2}"#);
+        let z: OrderedMap<usize> = serde_json::from_str(r#"{"z": 1, "a": 2}"#).unwrap();
+        assert_eq!(serde_json::to_string(&z).unwrap(), r#"{"z":1,"a":2}"#);
     }
 }

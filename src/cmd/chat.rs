@@ -11,7 +11,10 @@ use datasets::{Conversation, Message, Role};
 use trainer::infer::{generate, GenerateRequest, GenerationDefaults, SamplingOverrides, SamplingParams};
 use trainer::model::Model;
 
-use super::model_args::ModelArgs;
+use super::model_args::{ContextNeed, Demand, ModelArgs};
+
+/// The least context a chat starts with (the memory check fails below it).
+const MIN_CONTEXT: usize = 512;
 
 /// Arguments of `tramontane chat`.
 #[derive(clap::Args)]
@@ -39,8 +42,14 @@ pub struct ChatArgs {
 
 /// Runs `tramontane chat`.
 pub fn run(args: ChatArgs) -> Result<()> {
-    let base_args = ModelArgs { model: args.model.model.clone(), adapter: Vec::new(), dtype: args.model.dtype.clone() };
-    let loaded = base_args.load(true)?;
+    let base_args = ModelArgs { model: args.model.model.clone(), adapter: Vec::new(), load: args.model.load.clone() };
+    // The whole conversation is prefilled again each turn: use as much context as memory allows.
+    let demand = Demand {
+        context: ContextNeed::AsMuchAsFits { min: MIN_CONTEXT.max(args.max_new_tokens + 1) },
+        extra_adapters: args.model.adapter.iter().map(std::path::PathBuf::from).collect(),
+    };
+    let loaded = base_args.load(true, &demand)?;
+    let context = loaded.context;
     let tokenizer = loaded.tokenizer.context("chat needs tokenizer.json")?;
     let encoder = datasets::Encoder::new(&tokenizer.inner, datasets::PromptFormatChoice::Auto)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -55,7 +64,6 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let eos_ids = if defaults.eos_token_ids.is_empty() { tokenizer.eos_ids.clone() } else { defaults.eos_token_ids };
     let mut system = args.system.clone().filter(|s| !s.is_empty());
     let mut history: Vec<Message> = Vec::new();
-    let context = base.config.max_position_embeddings;
 
     eprintln!("chat with {} (/reset, /system, /adapter, /params, /quit)", args.model.model.display());
     let stdin = std::io::stdin();

@@ -9,7 +9,7 @@ use trainer::infer::{generate, GenerateRequest, SamplingParams};
 use trainer::model::{Layout, Model, ModelTokenizer};
 use trainer::train::loss::{labelled_nll_sum, ShiftedTargets};
 
-use super::model_args::{parse_ids, ModelArgs};
+use super::model_args::{parse_ids, ContextNeed, Demand, ModelArgs};
 
 /// Arguments of `tramontane eval`.
 #[derive(clap::Args)]
@@ -63,9 +63,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if !args.data.is_empty() {
         return run_dataset(&args);
     }
-    let loaded = args.model.load(args.text.is_some())?;
-    let ids = match (&args.prompt_ids, &args.text) {
-        (Some(ids), _) => parse_ids(ids)?,
+    let given = args.prompt_ids.as_deref().map(parse_ids).transpose()?;
+    // The sequence's length before tokenizing: at most one token per byte, plus BOS.
+    let tokens = match (&given, &args.text) {
+        (Some(ids), _) => ids.len(),
+        (_, Some(text)) => text.len() + 2,
+        _ => bail!("give --prompt-ids, --text or --data"),
+    };
+    let demand = Demand {
+        context: ContextNeed::Fixed { context: tokens, prefill: tokens, logit_rows: tokens },
+        extra_adapters: Vec::new(),
+    };
+    let loaded = args.model.load(args.text.is_some(), &demand)?;
+    let ids = match (given, &args.text) {
+        (Some(ids), _) => ids,
         (_, Some(text)) => loaded.tokenizer.as_ref().context("--text needs tokenizer.json")?.encode(text, true)?,
         _ => bail!("give --prompt-ids, --text or --data"),
     };
@@ -123,8 +134,19 @@ struct Scores {
 }
 
 fn run_dataset(args: &EvalArgs) -> Result<()> {
-    let base_args = ModelArgs { model: args.model.model.clone(), adapter: Vec::new(), dtype: args.model.dtype.clone() };
-    let loaded = base_args.load(true)?;
+    let base_args = ModelArgs { model: args.model.model.clone(), adapter: Vec::new(), load: args.model.load.clone() };
+    // Each example is scored in one forward pass, then (with --generate) answered after its prompt: the answer
+    // is at most the reference's length + 8 tokens, and prompt + reference fit in --max-seq-len.
+    let generated = if args.generate { args.max_new_tokens.unwrap_or(8) } else { 0 };
+    let demand = Demand {
+        context: ContextNeed::Fixed {
+            context: args.max_seq_len.saturating_add(generated),
+            prefill: args.max_seq_len,
+            logit_rows: args.max_seq_len,
+        },
+        extra_adapters: args.model.adapter.iter().map(PathBuf::from).collect(),
+    };
+    let loaded = base_args.load(true, &demand)?;
     let tokenizer = loaded.tokenizer.context("--data needs tokenizer.json")?;
     let format: datasets::Format = serde_json::from_value(serde_json::json!(args.format))
         .map_err(|_| anyhow::anyhow!("--format `{}`: expected text, instruct, chat, tools or tokens", args.format))?;

@@ -3,16 +3,17 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use trainer::infer::{generate, GenerateRequest, GenerationDefaults, SamplingOverrides};
+use trainer::infer::{generate, GenerateRequest, GenerationDefaults, SamplingOverrides, StopReason};
 
-use super::model_args::{parse_ids, ModelArgs};
+use super::model_args::{parse_ids, ContextNeed, Demand, ModelArgs};
 
 /// Arguments of `tramontane generate`.
 #[derive(clap::Args)]
 #[command(
     after_help = "Examples:\n  tramontane generate --model runs/models/tiny-mixtral --prompt \"Once upon a time\"\n  \
 tramontane generate --model DIR --chat \"What is the capital of France?\" --temperature 0.7 --top-p 0.9 --seed 1\n  \
-tramontane generate --model DIR --prompt-ids 1,415,2936 --max-new-tokens 16 --json"
+tramontane generate --model DIR --prompt-ids 1,415,2936 --max-new-tokens 16 --json\n  \
+tramontane generate --model BASE --adapter runs/qlora/adapter --quantize nf4 --chat \"Hi\" --temperature 0"
 )]
 pub struct GenerateArgs {
     #[command(flatten)]
@@ -58,15 +59,31 @@ pub struct GenerateArgs {
 /// Runs `tramontane generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     let need_tokenizer = args.prompt.is_some() || args.chat.is_some() || !args.stop.is_empty();
-    let loaded = args.model.load(need_tokenizer)?;
-    let tokenizer = loaded.tokenizer.as_ref();
-    let prompt_ids = match (&args.prompt, &args.chat, &args.prompt_ids) {
-        (Some(text), _, _) => tokenizer.context("--prompt needs tokenizer.json")?.encode(text, true)?,
-        (_, Some(text), _) => tokenizer.context("--chat needs tokenizer.json")?.encode_chat_prompt(text)?,
-        (_, _, Some(ids)) => parse_ids(ids)?,
+    let ids = args.prompt_ids.as_deref().map(parse_ids).transpose()?;
+    // The prompt's length before tokenizing: at most one token per byte, plus the chat template's.
+    let prompt_bound = match (&args.prompt, &args.chat, &ids) {
+        (Some(text), _, _) | (_, Some(text), _) => text.len() + 64,
+        (_, _, Some(ids)) => ids.len(),
         _ => bail!("give one of --prompt, --chat or --prompt-ids"),
     };
     let defaults = GenerationDefaults::load(&args.model.model)?;
+    let max_new_tokens = args.max_new_tokens.or(defaults.max_new_tokens).unwrap_or(128);
+    let demand = Demand {
+        context: ContextNeed::Fixed {
+            context: prompt_bound.saturating_add(max_new_tokens),
+            prefill: prompt_bound,
+            logit_rows: 1,
+        },
+        extra_adapters: Vec::new(),
+    };
+    let loaded = args.model.load(need_tokenizer, &demand)?;
+    let tokenizer = loaded.tokenizer.as_ref();
+    let prompt_ids = match (&args.prompt, &args.chat, ids) {
+        (Some(text), _, _) => tokenizer.context("--prompt needs tokenizer.json")?.encode(text, true)?,
+        (_, Some(text), _) => tokenizer.context("--chat needs tokenizer.json")?.encode_chat_prompt(text)?,
+        (_, _, Some(ids)) => ids,
+        _ => bail!("give one of --prompt, --chat or --prompt-ids"),
+    };
     let sampling = defaults.sampling().overridden(SamplingOverrides {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -85,7 +102,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     });
     let request = GenerateRequest {
         prompt_ids: prompt_ids.clone(),
-        max_new_tokens: args.max_new_tokens.or(defaults.max_new_tokens).unwrap_or(128),
+        max_new_tokens,
         sampling,
         seed,
         eos_ids,
@@ -118,12 +135,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         println!();
         eprintln!(
-            "[{} prompt tokens, {:.1} tokens/s prefill; {} new tokens, {:.1} tokens/s decode; stop: {:?}]",
+            "[{} prompt tokens, {:.1} tokens/s prefill; {} new tokens, {:.1} tokens/s decode; stop: {}]",
             prompt_ids.len(),
             generation.prefill_tokens_per_second(prompt_ids.len()),
             generation.ids.len(),
             generation.decode_tokens_per_second(),
-            generation.stop_reason
+            match generation.stop_reason {
+                StopReason::Eos => "end of sequence",
+                StopReason::StopString => "stop string",
+                StopReason::Length => "token limit",
+            }
         );
     }
     Ok(())

@@ -116,10 +116,14 @@ pub fn run(args: InspectArgs) -> Result<()> {
     println!("layout       {layout}");
     match &tokenizer {
         Some(t) => println!(
-            "tokenizer    {} tokens, bos {:?}, eos {:?}, prompt format {}",
+            "tokenizer    {} tokens, bos {}, eos {}, prompt format {}",
             t.vocab_size(),
-            t.bos_id,
-            t.eos_ids,
+            t.bos_id.map_or("none".into(), |id| id.to_string()),
+            if t.eos_ids.is_empty() {
+                "none".to_string()
+            } else {
+                t.eos_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            },
             t.prompt_format().map(|f| f.name().to_string()).unwrap_or_else(|e| e)
         ),
         None => println!("tokenizer    none usable (tokenizer.json missing or invalid)"),

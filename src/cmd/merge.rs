@@ -3,9 +3,15 @@
 
 use std::path::PathBuf;
 
+use adapters::merge::BaseWeights;
 use anyhow::{bail, Context, Result};
 use trainer::lora::peft::{from_adapters_error, load_adapter, model_facts, parse_adapter_arg, CheckpointWeights};
-use trainer::model::ModelConfig;
+use trainer::model::loader::checkpoint_dtype;
+use trainer::model::memory::{estimate_merge, format_bytes, MergePlan};
+use trainer::model::{Checkpoint, ModelConfig};
+use trainer::quant::Nf4Weight;
+
+use super::model_args::{adapter_bytes, dtype_name, parse_dtype, Quantize};
 
 const LONG_ABOUT: &str = "Merge one or more LoRA adapters into their base model and write a complete Hugging Face \
 model directory (sharded safetensors with an index, config.json, tokenizer files, generation_config.json) in the \
@@ -21,7 +27,16 @@ quantize the merged model back to NF4, and do not merge into a base that was re-
 update is small next to the 4-bit rounding steps, so re-quantizing rounds much of it away and silently loses \
 what fine-tuning gained. To serve in 4 bits, keep the NF4 base and load the adapter unmerged \
 (`tramontane generate --model BASE --adapter DIR`), or export GGUF q4_k from the merged bf16/f16 weights, which \
-quantizes once, with finer blocks.";
+quantizes once, with finer blocks.
+
+A dense base whose adapter was trained with QLoRA (`quantization.method = \"nf4\"` on a bf16/f32 checkpoint): pass \
+--quantize nf4 (and --double-quant as training did) to merge into the base's NF4-rounded weights, the ones the \
+adapter was trained against, exactly as training quantized them; without it the update is added to the \
+unrounded weights.
+
+Before anything is written, the memory the merge holds at once (one output shard, one tensor's buffers, the \
+adapters, and for --gguf its largest tensor) is compared with what this process can allocate; when it does not \
+fit, the message says which --max-shard-size would.";
 
 /// Arguments of `tramontane merge`.
 #[derive(clap::Args)]
@@ -38,9 +53,19 @@ pub struct MergeArgs {
     /// Output directory; must not exist.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Output dtype: f32, bf16 or f16 [default: the base's declared dtype, else f32].
+    /// Output dtype: f32, bf16 or f16 [default: the base's own: config.json's torch_dtype, else its tensors'].
     #[arg(long, value_name = "DTYPE")]
     dtype: Option<String>,
+    /// Round the base's decoder linears through NF4 before adding the update, as QLoRA training quantized them
+    /// (weights stored in NF4 are dequantized in any case).
+    #[arg(long, value_name = "METHOD")]
+    quantize: Option<Quantize>,
+    /// With --quantize nf4: double quantization of the block scales, as training's `quantization.double_quant`.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    double_quant: bool,
+    /// Skip the memory check before merging.
+    #[arg(long)]
+    no_memory_check: bool,
     /// Also write `OUT/<name>-<type>.gguf`: f16, q8_0 or q4_k (rows not a multiple of 256 use q8_0).
     #[arg(long, value_name = "TYPE")]
     gguf: Option<String>,
@@ -79,33 +104,53 @@ pub fn run(args: MergeArgs) -> Result<()> {
         bail!("{}: the output directory already exists; choose a new path", args.out.display());
     }
     let config = ModelConfig::from_path(&args.model)?;
+    let base = CheckpointWeights::open(&args.model)?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let dtype_name = match &args.dtype {
+        Some(d) => d.clone(),
+        None => dtype_name(checkpoint_dtype(&config, &ckpt)).to_string(),
+    };
+    let dtype = adapters::merge::parse_dtype(&dtype_name).map_err(from_adapters_error)?;
+    let gguf = args.gguf.as_deref().map(adapters::gguf::GgufType::parse).transpose().map_err(from_adapters_error)?;
+    let max_shard_bytes = parse_size(&args.max_shard_size)?;
+    if !args.no_memory_check {
+        let dirs: Vec<PathBuf> = args.adapters.iter().map(PathBuf::from).collect();
+        let stored = ckpt.tensors().map(|(_, i)| i.dtype.size() as u64).max().unwrap_or(4);
+        let plan = MergePlan {
+            out_bytes_per_param: parse_dtype(&dtype_name)?.size_in_bytes() as u64,
+            max_shard_bytes: max_shard_bytes as u64,
+            stored_bytes_per_param: stored,
+            largest_tensor: (config.vocab_size.max(config.intermediate_size) * config.hidden_size) as u64,
+            nf4_round_trip: args.quantize.is_some(),
+            adapter_bytes: adapter_bytes(&dirs),
+            gguf: gguf.is_some(),
+        };
+        check_merge_memory(&args, &config, &plan)?;
+    }
+    drop(ckpt);
     let mut adapters = Vec::with_capacity(args.adapters.len());
     for a in &args.adapters {
         let (dir, weight) = parse_adapter_arg(a)?;
         let adapter = load_adapter(&dir, &config).with_context(|| format!("adapter {}", dir.display()))?;
         adapters.push((adapter, weight));
     }
-    let base = CheckpointWeights::open(&args.model)?;
-    let dtype_name = match &args.dtype {
-        Some(d) => d.clone(),
-        None => match config.declared_dtype.as_deref() {
-            Some("bfloat16") => "bf16".into(),
-            Some("float16") => "f16".into(),
-            _ => "f32".into(),
-        },
-    };
-    let dtype = adapters::merge::parse_dtype(&dtype_name).map_err(from_adapters_error)?;
-    let gguf = args.gguf.as_deref().map(adapters::gguf::GgufType::parse).transpose().map_err(from_adapters_error)?;
     let req = adapters::merge::MergeRequest {
         model_dir: args.model.clone(),
         facts: model_facts(&config),
         adapters,
         out: args.out.clone(),
         dtype,
-        max_shard_bytes: parse_size(&args.max_shard_size)?,
+        max_shard_bytes,
         gguf,
     };
-    let report = adapters::merge::merge(&base, &req).map_err(from_adapters_error)?;
+    let report = match args.quantize {
+        Some(Quantize::Nf4) => {
+            let rounded = Nf4RoundTrip { base, double_quant: args.double_quant };
+            adapters::merge::merge(&rounded, &req)
+        }
+        None => adapters::merge::merge(&base, &req),
+    }
+    .map_err(from_adapters_error)?;
     if args.json {
         println!(
             "{}",
@@ -124,11 +169,125 @@ pub fn run(args: MergeArgs) -> Result<()> {
             report.shards
         );
         if report.dequantized > 0 {
-            println!("merged into the dequantized weights of {} NF4 base tensors", report.dequantized);
+            let how = if args.quantize.is_some() { "NF4-rounded or dequantized" } else { "dequantized" };
+            println!("merged into the {how} weights of {} NF4 base tensors", report.dequantized);
         }
         if let Some(g) = &report.gguf {
             println!("wrote {}", g.display());
         }
     }
     Ok(())
+}
+
+/// Fails with the shard size that would fit when the merge needs more memory than this process can allocate.
+fn check_merge_memory(args: &MergeArgs, config: &ModelConfig, plan: &MergePlan) -> Result<()> {
+    let Some(available) = trainer::system::memory_available_to_process() else {
+        return Ok(());
+    };
+    let needed = estimate_merge(config, plan);
+    if needed.total() <= available.bytes {
+        return Ok(());
+    }
+    // The shard is the part a flag controls: the largest that fits, in whole MB (at least one tensor).
+    let without_shard = estimate_merge(config, &MergePlan { max_shard_bytes: 0, ..*plan });
+    let room = available.bytes.saturating_sub(without_shard.total());
+    let advice = if room >= 1_000_000 && without_shard.total() < available.bytes {
+        format!("with --max-shard-size {}MB it fits", room / 1_000_000)
+    } else {
+        "it does not fit this machine even with small shards".to_string()
+    };
+    bail!(
+        "not enough memory to merge into {}: needed {} ({}), available {} ({}); {advice}. \
+         (--no-memory-check skips this check.)",
+        args.model.display(),
+        format_bytes(needed.total()),
+        needed.describe(),
+        format_bytes(available.bytes),
+        available.limited_by.describe(),
+    )
+}
+
+/// The base as QLoRA training saw it: every decoder linear (attention, MLP, each expert, each expert's slice of
+/// a fused tensor) quantized to NF4 and dequantized again, exactly as the loader quantizes it for training;
+/// weights stored in NF4 are dequantized as they are.
+struct Nf4RoundTrip {
+    base: CheckpointWeights,
+    double_quant: bool,
+}
+
+/// Module names of the decoder linears (what training quantizes).
+const DECODER_LINEARS: [&str; 10] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"];
+
+impl Nf4RoundTrip {
+    /// Whether the weight `name` is a decoder linear or a fused expert tensor (read by slices).
+    fn is_decoder_linear(name: &str) -> bool {
+        if !name.starts_with("model.layers.") {
+            return false;
+        }
+        if name.ends_with(".mlp.experts.gate_up_proj") || name.ends_with(".mlp.experts.down_proj") {
+            return true;
+        }
+        name.strip_suffix(".weight")
+            .and_then(|n| n.rsplit('.').next())
+            .is_some_and(|module| DECODER_LINEARS.contains(&module))
+    }
+
+    fn round_trip(&self, values: Vec<f32>) -> std::result::Result<Vec<f32>, String> {
+        let n = values.len();
+        Ok(Nf4Weight::quantize(&values, &[n], self.double_quant).map_err(|e| e.to_string())?.dequantize())
+    }
+}
+
+impl BaseWeights for Nf4RoundTrip {
+    fn contains(&self, name: &str) -> bool {
+        self.base.contains(name)
+    }
+
+    fn read_f32(&self, name: &str, shape: &[usize]) -> std::result::Result<Vec<f32>, String> {
+        let values = self.base.read_f32(name, shape)?;
+        if Self::is_decoder_linear(name) && !self.base.is_quantized(name) {
+            return self.round_trip(values);
+        }
+        Ok(values)
+    }
+
+    fn read_range_f32(&self, name: &str, first: usize, count: usize) -> std::result::Result<Vec<f32>, String> {
+        let values = self.base.read_range_f32(name, first, count)?;
+        if Self::is_decoder_linear(name) && !self.base.is_quantized(name) {
+            return self.round_trip(values);
+        }
+        Ok(values)
+    }
+
+    fn is_quantized(&self, name: &str) -> bool {
+        self.base.is_quantized(name) || Self::is_decoder_linear(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_decoder_linears_are_what_training_quantizes() {
+        for name in [
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.3.mlp.down_proj.weight",
+            "model.layers.1.block_sparse_moe.experts.2.w3.weight",
+            "model.layers.1.mlp.experts.gate_up_proj",
+        ] {
+            assert!(Nf4RoundTrip::is_decoder_linear(name), "{name}");
+        }
+        for name in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.1.block_sparse_moe.gate.weight",
+            "model.layers.1.mlp.gate.weight",
+            "model.norm.weight",
+        ] {
+            assert!(!Nf4RoundTrip::is_decoder_linear(name), "{name}");
+        }
+    }
 }

@@ -1,10 +1,48 @@
-//! Arguments and loading shared by the commands that run a model.
+//! Arguments and loading shared by the commands that run a model, with the memory check before loading:
+//! the memory the command needs (weights at the chosen dtype or in NF4, adapters, the KV cache of the context it
+//! may use, the buffers of its largest forward pass) is estimated from config.json and compared with what this
+//! process can really allocate (MemAvailable, the cgroup limit, `ulimit -v`); a model that does not fit is
+//! refused with the flag that would make it fit, instead of dying halfway through loading.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use trainer::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer};
+use trainer::model::memory::{
+    estimate_inference, format_bytes, largest_fitting_context, WeightPlan, WeightSource, Workload,
+};
+use trainer::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer, Nf4Options};
+
+/// How the base weights are loaded (shared by every command that runs a model, `serve` included).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Dtype of the weights: f32, bf16 or f16 [default: the checkpoint's own: config.json's torch_dtype, else its
+    /// tensors' dtype; f32 for a quantized GGUF file].
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+    /// Quantize the base's decoder linears (attention, MLP, experts) while loading, exactly as QLoRA training
+    /// does; lm_head, embeddings, norms and routers stay at --dtype. Use it to run an adapter trained with
+    /// `quantization.method = "nf4"` on the weights it was trained against, or to fit a model in ~1/4 of the
+    /// memory.
+    #[arg(long, value_name = "METHOD")]
+    pub quantize: Option<Quantize>,
+    /// With --quantize nf4: also quantize the block scales (bitsandbytes' QLoRA default, and the recipes'
+    /// `quantization.double_quant`); pass the value training used.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub double_quant: bool,
+    /// Skip the memory check before loading (the estimate of what the command needs against what this process
+    /// can allocate). The estimate is an upper bound; without the check a model too large for the machine makes
+    /// the command fail with an out-of-memory error while loading or running.
+    #[arg(long)]
+    pub no_memory_check: bool,
+}
+
+/// A quantization applied while loading.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantize {
+    /// 4-bit NormalFloat in blocks of 64 (bitsandbytes' NF4).
+    Nf4,
+}
 
 /// Where the model is and how to load it.
 #[derive(clap::Args, Debug, Clone)]
@@ -16,9 +54,38 @@ pub struct ModelArgs {
     /// several (their weighted updates are summed).
     #[arg(long = "adapter", value_name = "DIR[:WEIGHT]")]
     pub adapter: Vec<String>,
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32", value_name = "DTYPE")]
-    pub dtype: String,
+    /// Dtype, quantization and memory check.
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// How much context a command will use, for the memory check.
+#[derive(Debug, Clone, Copy)]
+pub enum ContextNeed {
+    /// A known workload: tokens one sequence may hold, tokens of its longest forward pass, rows through lm_head.
+    Fixed {
+        /// Tokens in the KV cache at most.
+        context: usize,
+        /// Tokens of the longest forward pass.
+        prefill: usize,
+        /// Rows through lm_head at once.
+        logit_rows: usize,
+    },
+    /// As much context as fits, from `min` tokens up to the model's maximum (chat and serve, which prefill
+    /// the whole conversation); the command then refuses longer conversations.
+    AsMuchAsFits {
+        /// The least context worth starting with (capped at the model's maximum).
+        min: usize,
+    },
+}
+
+/// What a command will do with the model, for the memory check.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    /// The context it may use.
+    pub context: ContextNeed,
+    /// Adapters it will load itself besides `--adapter` (eval, chat and serve apply them to clones of the base).
+    pub extra_adapters: Vec<PathBuf>,
 }
 
 /// A loaded model with its tokenizer (when the directory has one).
@@ -27,6 +94,9 @@ pub struct Loaded {
     pub model: Model,
     /// Its tokenizer, if `tokenizer.json` exists.
     pub tokenizer: Option<ModelTokenizer>,
+    /// Longest context (prompt plus generated tokens) the command may use: the model's maximum, or less where
+    /// the memory check chose less for [`ContextNeed::AsMuchAsFits`].
+    pub context: usize,
 }
 
 /// Parses a dtype name.
@@ -39,33 +109,232 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     })
 }
 
+/// The name `--dtype` takes for a dtype.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// Bytes the adapters in `dirs` (`DIR` or `DIR:WEIGHT`) take once loaded: their safetensors files, counted at
+/// 4 bytes per parameter stored in 2.
+pub fn adapter_bytes(dirs: &[PathBuf]) -> u64 {
+    dirs.iter()
+        .map(|d| {
+            let dir =
+                trainer::lora::peft::parse_adapter_arg(&d.to_string_lossy()).map_or_else(|_| d.clone(), |(p, _)| p);
+            std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                        .map(|e| e.metadata().map_or(0, |m| m.len()))
+                        .sum::<u64>()
+                })
+                .unwrap_or(0)
+                * 2
+        })
+        .sum()
+}
+
+/// What the memory check needs to know about the model before loading it.
+struct Facts {
+    config: ModelConfig,
+    native: DType,
+    source: WeightSource,
+    /// The checkpoint stores its decoder linears in bitsandbytes' NF4 already.
+    stored_nf4: bool,
+    gguf: bool,
+}
+
+impl Facts {
+    fn read(path: &Path) -> Result<Self> {
+        if trainer::model::gguf::is_gguf(path) {
+            let g = trainer::model::memory::gguf_facts(path)?;
+            return Ok(Facts {
+                config: g.config,
+                native: g.float_dtype.unwrap_or(DType::F32),
+                source: WeightSource::Gguf { largest_tensor: g.largest_tensor },
+                stored_nf4: false,
+                gguf: true,
+            });
+        }
+        if !path.is_dir() {
+            bail!("{}: not a model directory", path.display());
+        }
+        let config = ModelConfig::from_path(path)?;
+        let ckpt = trainer::model::Checkpoint::open(path)?;
+        let native = trainer::model::loader::checkpoint_dtype(&config, &ckpt);
+        let suffix = trainer::quant::bnb_format::QUANT_STATE_SUFFIX;
+        let stored_nf4 = ckpt.tensors().any(|(n, _)| n.ends_with(suffix));
+        // The disk width of the float tensors (the largest ones are the embedding and the linears).
+        let stored = ckpt
+            .tensors()
+            .filter(|(_, i)| !matches!(i.dtype, trainer::model::checkpoint::DiskDType::U8))
+            .map(|(_, i)| i.dtype.size() as u64)
+            .max()
+            .unwrap_or(4);
+        Ok(Facts {
+            config,
+            native,
+            source: WeightSource::Safetensors { stored_bytes_per_param: stored },
+            stored_nf4,
+            gguf: false,
+        })
+    }
+
+    fn plan(&self, dtype: DType, nf4: Option<Nf4Options>) -> WeightPlan {
+        // Activations and the KV cache are f32 on the CPU whatever the weights' dtype.
+        WeightPlan { dtype, nf4, source: self.source, compute_dtype: DType::F32 }
+    }
+}
+
+impl LoadArgs {
+    /// The NF4 options of `--quantize nf4`: training's (every decoder linear quantized, its double quantization).
+    fn nf4(&self) -> Option<Nf4Options> {
+        self.quantize.map(|Quantize::Nf4| Nf4Options { double_quant: self.double_quant, keep_dense: Vec::new() })
+    }
+
+    /// The dtype to load in: `--dtype`, else the checkpoint's own.
+    fn dtype(&self, native: DType) -> Result<DType> {
+        self.dtype.as_deref().map_or(Ok(native), parse_dtype)
+    }
+}
+
 impl ModelArgs {
-    /// Loads the model (and its tokenizer when `need_tokenizer` or when present).
-    pub fn load(&self, need_tokenizer: bool) -> Result<Loaded> {
-        let dtype = parse_dtype(&self.dtype)?;
+    /// Checks that the command fits in memory (unless `--no-memory-check`), then loads the model (and its
+    /// tokenizer when `need_tokenizer` or when present) and applies `--adapter`.
+    pub fn load(&self, need_tokenizer: bool, demand: &Demand) -> Result<Loaded> {
         let dir = &self.model;
-        if trainer::model::gguf::is_gguf(dir) {
+        let facts = Facts::read(dir)?;
+        let dtype = self.load.dtype(facts.native)?;
+        let nf4 = self.load.nf4();
+        if facts.gguf && nf4.is_some() {
+            bail!(
+                "{}: --quantize nf4 needs a Hugging Face model directory (safetensors), not a GGUF file",
+                dir.display()
+            );
+        }
+        let mut adapters: Vec<PathBuf> = self.adapter.iter().map(PathBuf::from).collect();
+        adapters.extend(demand.extra_adapters.iter().cloned());
+        let context = self.check_memory(&facts, dtype, nf4.clone(), &demand.context, adapter_bytes(&adapters))?;
+        if facts.gguf {
             let g = trainer::model::gguf::load_gguf(dir, dtype, &candle_core::Device::Cpu)?;
             if need_tokenizer && g.tokenizer.is_none() {
                 bail!("{}: the GGUF file has no tokenizer.huggingface.json; pass token ids instead", dir.display());
             }
             let mut model = g.model;
             self.apply_adapters(&mut model)?;
-            return Ok(Loaded { model, tokenizer: g.tokenizer });
+            return Ok(Loaded { model, tokenizer: g.tokenizer, context });
         }
-        if !dir.is_dir() {
-            bail!("{}: not a model directory", dir.display());
-        }
-        let config = ModelConfig::from_path(dir)?;
+        let config = &facts.config;
         let tokenizer = if need_tokenizer || dir.join("tokenizer.json").exists() {
-            Some(ModelTokenizer::load(dir, &config)?)
+            Some(ModelTokenizer::load(dir, config)?)
         } else {
             None
         };
-        let opts = LoadOptions { dtype, ..LoadOptions::default() };
+        let opts = LoadOptions { dtype, nf4, ..LoadOptions::default() };
         let mut loaded = load_model(dir, &opts)?;
         self.apply_adapters(&mut loaded.model)?;
-        Ok(Loaded { model: loaded.model, tokenizer })
+        Ok(Loaded { model: loaded.model, tokenizer, context })
+    }
+
+    /// Compares the estimate with the memory available and returns the context to use; fails with what
+    /// would fit when nothing does.
+    fn check_memory(
+        &self,
+        facts: &Facts,
+        dtype: DType,
+        nf4: Option<Nf4Options>,
+        need: &ContextNeed,
+        adapter_bytes: u64,
+    ) -> Result<usize> {
+        let c = &facts.config;
+        let max_context = c.max_position_embeddings;
+        // A checkpoint stored in NF4 is held in NF4 whatever the flags (bitsandbytes' usual double quantization).
+        let nf4 = nf4.or_else(|| facts.stored_nf4.then(Nf4Options::qlora));
+        let workload = |context: usize| match *need {
+            ContextNeed::Fixed { context, prefill, logit_rows } => {
+                Workload { context_tokens: context, prefill_tokens: prefill, logit_rows, sequences: 1, adapter_bytes }
+            }
+            ContextNeed::AsMuchAsFits { .. } => Workload {
+                context_tokens: context,
+                prefill_tokens: context,
+                logit_rows: 1,
+                sequences: 1,
+                adapter_bytes,
+            },
+        };
+        let (first, last) = match *need {
+            ContextNeed::Fixed { context, .. } => (context.min(max_context), context.min(max_context)),
+            ContextNeed::AsMuchAsFits { min } => (min.min(max_context), max_context),
+        };
+        if self.load.no_memory_check {
+            return Ok(last);
+        }
+        let Some(available) = trainer::system::memory_available_to_process() else {
+            return Ok(last);
+        };
+        let estimate = |plan: &WeightPlan, context: usize| estimate_inference(c, plan, &workload(context));
+        let plan = facts.plan(dtype, nf4.clone());
+        if let Some(context) = largest_fitting_context(first, last, available.bytes, |n| estimate(&plan, n)) {
+            if context < last {
+                let full = estimate(&plan, last);
+                eprintln!(
+                    "note: the context is limited to {context} of the model's {last} tokens by memory: the full \
+                     context needs {} ({}), {} is available ({})",
+                    format_bytes(full.total()),
+                    full.describe(),
+                    format_bytes(available.bytes),
+                    available.limited_by.describe()
+                );
+            }
+            return Ok(context);
+        }
+        let needed = estimate(&plan, first);
+        // The flags that shrink the model, from the one that costs least quality.
+        let mut options: Vec<(&str, WeightPlan)> = Vec::new();
+        if dtype == DType::F32 {
+            options.push(("--dtype bf16", facts.plan(DType::BF16, nf4.clone())));
+        }
+        if nf4.is_none() && !facts.gguf {
+            let q = Some(Nf4Options { double_quant: self.load.double_quant, keep_dense: Vec::new() });
+            options.push(("--quantize nf4", facts.plan(dtype, q.clone())));
+            if dtype == DType::F32 {
+                options.push(("--dtype bf16 --quantize nf4", facts.plan(DType::BF16, q)));
+            }
+        }
+        let fitting = options.iter().find(|(_, p)| estimate(p, first).total() <= available.bytes);
+        let advice = match (fitting, options.last()) {
+            (Some((flags, p)), _) => {
+                format!(
+                    "with {flags} it would need {}, which fits: pass {flags}",
+                    format_bytes(estimate(p, first).total())
+                )
+            }
+            (None, Some((flags, p))) => format!(
+                "it does not fit this machine: even with {flags} it would need {}",
+                format_bytes(estimate(p, first).total())
+            ),
+            (None, None) => "it does not fit this machine".to_string(),
+        };
+        let what = match need {
+            ContextNeed::Fixed { .. } => format!("for a context of {first} tokens"),
+            ContextNeed::AsMuchAsFits { .. } => format!("even for the smallest context ({first} tokens)"),
+        };
+        bail!(
+            "not enough memory to run {} in {}{}: needed {} {what} ({}), available {} ({}); {advice}. \
+             (--no-memory-check skips this check.)",
+            self.model.display(),
+            dtype_name(dtype),
+            if nf4.is_some() { " with NF4 decoder weights" } else { "" },
+            format_bytes(needed.total()),
+            needed.describe(),
+            format_bytes(available.bytes),
+            available.limited_by.describe(),
+        )
     }
 
     /// Applies the `--adapter` directories (checked against the model before anything changes).

@@ -15,7 +15,9 @@ tramontane train recipes/mistral-7b-qlora.toml --set train.learning_rate=1e-4 --
 tramontane train recipes/quickstart.toml --resume      # continue from the newest checkpoint\n\n\
 The run directory (output.dir) receives the resolved recipe, metrics.jsonl, TensorBoard event files\n\
 (tensorboard/), samples.jsonl, checkpoints/ (atomic, the newest output.keep_last kept), adapters/step-N,\n\
-adapter-best/ and adapter/ (PEFT format). Ctrl-C writes a checkpoint and exits cleanly.")]
+adapter-best/ and adapter/ (PEFT format). Ctrl-C writes a checkpoint and exits cleanly.\n\n\
+On a terminal a bar follows each micro-batch, with an ETA once the first is done; otherwise (a log file)\n\
+a line is printed every logging.every_steps steps, and every 30 s while a long step runs.")]
 pub struct TrainArgs {
     /// The recipe (TOML).
     recipe: PathBuf,
@@ -28,7 +30,9 @@ pub struct TrainArgs {
     /// Print only warnings and the final summary.
     #[arg(long, conflicts_with = "json")]
     quiet: bool,
-    /// Print one JSON object per event (header, step, eval, saved, summary) on stdout.
+    /// Print one JSON object per event (header, micro_batch, step, eval, saved, summary) on stdout;
+    /// `step` counts optimizer steps done (1 = the first; an eval at step 0 is the baseline), as in
+    /// metrics.jsonl.
     #[arg(long)]
     json: bool,
 }
@@ -51,7 +55,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else if args.quiet {
         Box::new(QuietReporter)
     } else {
-        Box::new(ProgressReporter::new())
+        Box::new(ProgressReporter::new(recipe.logging.every_steps))
     };
     let summary = run_training(&recipe, &RunOptions { resume: args.resume, stop }, reporter.as_mut())
         .with_context(|| format!("training {}", args.recipe.display()))?;

@@ -23,10 +23,10 @@
 //! them resolve from the current directory); [`Recipe::to_toml`] writes the resolved recipe back (the training
 //! loop stores it in the run directory).
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 pub use datasets::DataConfig;
@@ -96,6 +96,11 @@ pub enum Dtype {
 }
 
 /// `[quantization]`: storage of the frozen base weights.
+///
+/// With `nf4`, the decoder's linear layers (attention, MLP, experts) are quantized as they load. The embeddings,
+/// the norms, `lm_head` and Mixtral's router are never quantized: they always stay in `model.dtype`, whatever
+/// `keep_unquantized` says (bitsandbytes' QLoRA also leaves `lm_head` alone; quantizing it or the router is not
+/// supported).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QuantizationSection {
@@ -103,11 +108,31 @@ pub struct QuantizationSection {
     pub method: QuantMethod,
     /// Quantize the per-block scales too (bitsandbytes `compress_statistics`, ~0.37 bit/param saved). Default true.
     pub double_quant: bool,
-    /// Elements per NF4 block (bitsandbytes uses 64). Default 64.
+    /// Elements per NF4 block: must be 64, bitsandbytes' QLoRA block and the only size the loader quantizes
+    /// with. Default 64.
     pub block_size: usize,
-    /// Linear layers kept in `model.dtype`: `lm_head`, `router`, or target names (`q`, ..., `w3`, `experts`).
-    /// Default `["lm_head", "router"]`.
+    /// Decoder linear layers also kept in `model.dtype` instead of NF4, by LoRA target name or group (`q`, ...,
+    /// `w3`, `attention`, `mlp`, `experts`, `all`). `lm_head` and `router` may be listed (as in bitsandbytes'
+    /// `llm_int8_skip_modules`) but need not be: they are always kept. Default `[]`.
     pub keep_unquantized: Vec<String>,
+}
+
+/// Elements per NF4 block: the only block size the loader quantizes with (bitsandbytes' QLoRA default).
+pub const NF4_BLOCK_SIZE: usize = crate::quant::nf4::NF4_BLOCKSIZE;
+
+/// Names `keep_unquantized` accepts besides LoRA targets: modules that are never quantized anyway.
+const ALWAYS_UNQUANTIZED: [&str; 2] = ["lm_head", "router"];
+
+impl QuantizationSection {
+    /// The decoder linears `keep_unquantized` keeps dense, by Hugging Face module name (`q_proj`, ..., `w3`),
+    /// deduplicated in canonical order; `lm_head` and `router` (always kept) add nothing.
+    pub fn keep_dense_modules(&self) -> Vec<&'static str> {
+        let mut targets: Vec<Target> =
+            self.keep_unquantized.iter().filter_map(|k| Target::parse_group(k)).flatten().collect();
+        targets.sort();
+        targets.dedup();
+        targets.into_iter().map(Target::hf_name).collect()
+    }
 }
 
 impl Default for QuantizationSection {
@@ -115,8 +140,8 @@ impl Default for QuantizationSection {
         QuantizationSection {
             method: QuantMethod::Nf4,
             double_quant: true,
-            block_size: 64,
-            keep_unquantized: vec!["lm_head".into(), "router".into()],
+            block_size: NF4_BLOCK_SIZE,
+            keep_unquantized: Vec::new(),
         }
     }
 }
@@ -182,6 +207,22 @@ impl Target {
             Target::Gate => "gate",
             Target::Up => "up",
             Target::Down => "down",
+            Target::W1 => "w1",
+            Target::W2 => "w2",
+            Target::W3 => "w3",
+        }
+    }
+
+    /// The Hugging Face module name (`q_proj`, ..., `down_proj`, `w1`, `w2`, `w3`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
             Target::W1 => "w1",
             Target::W2 => "w2",
             Target::W3 => "w3",
@@ -254,10 +295,12 @@ pub struct LoraSection {
     pub use_rslora: bool,
     /// Layers to adapt: see [`Target::parse_group`]. Default `["q", "k", "v", "o"]`.
     pub targets: Vec<String>,
-    /// Per-module rank overrides, PEFT semantics (regex or name suffix -> rank).
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module alpha overrides, PEFT semantics (regex or name suffix -> alpha).
-    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Per-module rank overrides, PEFT semantics (regex or name suffix -> rank): matched against the module's
+    /// full name (`model.layers.0.self_attn.q_proj`) in the order written, the first matching key wins.
+    pub rank_pattern: IndexMap<String, usize>,
+    /// Per-module alpha overrides, PEFT semantics (regex or name suffix -> alpha), in order: the first matching
+    /// key wins.
+    pub alpha_pattern: IndexMap<String, f64>,
     /// Only these decoder layers (0-based); empty = all.
     pub layers_to_transform: Vec<usize>,
     /// MoE router: `frozen`, `lora` or `full`. Default `frozen`.
@@ -275,8 +318,8 @@ impl Default for LoraSection {
             dropout: 0.05,
             use_rslora: false,
             targets: vec!["q".into(), "k".into(), "v".into(), "o".into()],
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            rank_pattern: IndexMap::new(),
+            alpha_pattern: IndexMap::new(),
             layers_to_transform: Vec::new(),
             router: RouterMode::Frozen,
             init_from: None,
@@ -335,7 +378,8 @@ pub struct TrainSection {
     pub gradient_checkpointing: bool,
     /// With checkpointing: GiB of activations per micro-batch that may be kept instead of recomputed (as
     /// many of the last layers as fit, by an estimate of each layer's activations); 0 recomputes every
-    /// layer. Unset (the default): a quarter of the memory available when training starts. Trades
+    /// layer. Unset (the default): half of what stays available once the model is loaded and the step's
+    /// fixed needs are set aside (see the `memory` line `train` prints). Trades
     /// memory for the ~20% a full recompute costs; the gradients are the same either way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activation_memory_gib: Option<f64>,
@@ -383,14 +427,10 @@ pub enum Duration {
 }
 
 impl TrainSection {
-    /// Bytes of activations a checkpointed step may keep instead of recomputing: the recipe's
-    /// `activation_memory_gib`, else [`crate::train::default_activation_budget`]; `None` without
-    /// checkpointing (everything is kept).
-    pub fn activation_budget_bytes(&self) -> Option<u64> {
-        self.gradient_checkpointing.then(|| {
-            self.activation_memory_gib
-                .map_or_else(crate::train::default_activation_budget, |g| (g * (1u64 << 30) as f64) as u64)
-        })
+    /// `activation_memory_gib` in bytes, when the recipe sets it (otherwise the run computes the budget
+    /// once the model is loaded: [`crate::train::StepShape::default_budget`]).
+    pub fn activation_memory_bytes(&self) -> Option<u64> {
+        self.activation_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64)
     }
 
     /// `epochs` or `max_steps` (1 epoch when neither is set).
@@ -665,27 +705,46 @@ impl Recipe {
         datasets::BatchConfig::new(&self.data, self.train.micro_batch_size, self.train.seed, pad_id)
     }
 
-    /// Checks values against each other and their ranges. The error names the key.
+    /// Checks values against each other and their ranges: every rule on the recipe's own values, in one
+    /// place, run by [`Recipe::parse`] / [`Recipe::load`] (so `tramontane data` and `tramontane train` refuse
+    /// the same recipes with the same message) and again by the training run before anything is loaded. The
+    /// error is `(key, message)`, the message saying what was expected and what was found. (What depends on
+    /// the model or the data, e.g. whether the data leaves examples to train on, is checked when they load.)
     pub fn validate(&self) -> Result<(), (String, String)> {
         fn err<T>(key: &str, msg: impl Into<String>) -> Result<T, (String, String)> {
             Err((key.to_string(), msg.into()))
         }
+        if let Some(name) = &self.model.builtin {
+            use crate::model::builtin::BUILTIN;
+            if !BUILTIN.contains(&name.as_str()) {
+                let hint = datasets::suggest::closest(name, BUILTIN)
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                return err("model.builtin", format!("expected one of {}, found `{name}`{hint}", BUILTIN.join(", ")));
+            }
+        }
         let q = &self.quantization;
-        if !q.block_size.is_power_of_two() || !(64..=4096).contains(&q.block_size) {
+        if q.block_size != NF4_BLOCK_SIZE {
             return err(
                 "quantization.block_size",
-                format!("must be a power of two from 64 to 4096 (got {})", q.block_size),
+                format!(
+                    "must be {NF4_BLOCK_SIZE}, bitsandbytes' NF4 block and the only size supported (got {})",
+                    q.block_size
+                ),
             );
         }
         for k in &q.keep_unquantized {
-            if k != "lm_head" && k != "router" && Target::parse_group(k).is_none() {
-                let mut names: Vec<&str> = vec!["lm_head", "router"];
+            if !ALWAYS_UNQUANTIZED.contains(&k.as_str()) && Target::parse_group(k).is_none() {
+                let mut names: Vec<&str> = ALWAYS_UNQUANTIZED.to_vec();
                 names.extend(Target::NAMES);
                 let hint =
                     datasets::suggest::closest(k, names).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
                 return err(
                     "quantization.keep_unquantized",
-                    format!("unknown layer `{k}`{hint}; use lm_head, router or a LoRA target name"),
+                    format!(
+                        "unknown layer `{k}`{hint}; expected lm_head, router or a linear layer name (q, k, v, o, \
+                         gate, up, down, w1, w2, w3, attention, mlp, experts, all)"
+                    ),
                 );
             }
         }
@@ -710,11 +769,17 @@ impl Recipe {
                 return err("lora.targets", format!("unknown target `{t}`{hint}; expected q, k, v, o, gate, up, down, w1, w2, w3, attention, mlp, experts or all"));
             }
         }
-        if let Some((k, _)) = l.rank_pattern.iter().find(|(_, &r)| r == 0) {
-            return err("lora.rank_pattern", format!("rank for `{k}` must be at least 1"));
+        if let Some((k, r)) = l.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            return err("lora.rank_pattern", format!("rank for `{k}` must be at least 1 (got {r})"));
         }
-        if let Some((k, _)) = l.alpha_pattern.iter().find(|(_, &a)| !positive(a)) {
-            return err("lora.alpha_pattern", format!("alpha for `{k}` must be positive"));
+        if let Some((k, a)) = l.alpha_pattern.iter().find(|(_, &a)| !positive(a)) {
+            return err("lora.alpha_pattern", format!("alpha for `{k}` must be positive (got {a})"));
+        }
+        let pattern_keys = l.rank_pattern.keys().map(|k| ("lora.rank_pattern", k));
+        for (field, k) in pattern_keys.chain(l.alpha_pattern.keys().map(|k| ("lora.alpha_pattern", k))) {
+            if let Err(e) = adapters::config::pattern_regex(k) {
+                return err(field, format!("expected a regular expression as key, found `{k}`: {e}"));
+            }
         }
         self.data.check().map_err(|(key, message)| (key.to_string(), message))?;
         let t = &self.train;
@@ -1113,14 +1178,11 @@ max_steps = 100
         assert_eq!(r.train.matmul_precision, MatmulPrecision::Medium);
         let r = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nactivation_memory_gib = 1.5"), &[]).unwrap();
         assert_eq!(r.train.activation_memory_gib, Some(1.5));
-        assert_eq!(r.train.activation_budget_bytes(), Some(3 << 29));
+        assert_eq!(r.train.activation_memory_bytes(), Some(3 << 29));
         let zero = TrainSection { activation_memory_gib: Some(0.0), ..TrainSection::default() };
-        assert_eq!(zero.activation_budget_bytes(), Some(0));
+        assert_eq!(zero.activation_memory_bytes(), Some(0));
         let unset = TrainSection::default();
-        assert!(unset.gradient_checkpointing && unset.activation_memory_gib.is_none());
-        assert!(unset.activation_budget_bytes().is_some());
-        let off = TrainSection { gradient_checkpointing: false, ..TrainSection::default() };
-        assert_eq!(off.activation_budget_bytes(), None);
+        assert!(unset.gradient_checkpointing && unset.activation_memory_bytes().is_none());
         let e =
             parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nactivation_memory_gib = -1.0"), &[]).unwrap_err();
         assert!(e.to_string().contains("`train.activation_memory_gib`: must be at least 0 GiB"), "{e}");
@@ -1192,5 +1254,84 @@ max_steps = 100
         assert!(e.to_string().contains("data.files"), "{e}");
         let e = parse("[model\npath = 1", &[]).unwrap_err();
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn quantization_rules_are_checked_here_and_name_the_key() {
+        // The loader quantizes with 64-element blocks only: anything else is refused while parsing,
+        // before a model or data is loaded.
+        let e = parse(&format!("{GOOD}\n[quantization]\nblock_size = 128\n"), &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "recipe.toml:18: `quantization.block_size`: must be 64, bitsandbytes' NF4 block and the only size \
+             supported (got 128)"
+        );
+        let e = parse(GOOD, &["quantization.block_size=256"]).unwrap_err();
+        assert!(e.to_string().starts_with("--set quantization.block_size=256: `quantization.block_size`"), "{e}");
+        // lm_head and the router are always kept in model.dtype: listing them is allowed, not required.
+        for keep in ["[]", "[\"lm_head\"]", "[\"router\"]", "[\"lm_head\", \"router\"]"] {
+            let r = parse(&format!("{GOOD}\n[quantization]\nkeep_unquantized = {keep}\n"), &[]).unwrap();
+            assert!(r.quantization.keep_dense_modules().is_empty(), "{keep}");
+        }
+        let r = parse(&format!("{GOOD}\n[quantization]\nkeep_unquantized = [\"router\", \"attention\", \"q\"]\n"), &[])
+            .unwrap();
+        assert_eq!(r.quantization.keep_dense_modules(), vec!["q_proj", "k_proj", "v_proj", "o_proj"]);
+        let e = parse(&format!("{GOOD}\n[quantization]\nkeep_unquantized = [\"lm_haed\"]\n"), &[]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("quantization.keep_unquantized"));
+        assert!(e.to_string().contains("unknown layer `lm_haed` (did you mean `lm_head`?); expected lm_head"), "{e}");
+        assert!(QuantizationSection::default().keep_unquantized.is_empty());
+    }
+
+    #[test]
+    fn the_shipped_recipes_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        for name in ["mistral-7b-qlora.toml", "mixtral-8x7b-qlora.toml", "quickstart.toml"] {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap();
+            let r = Recipe::parse(&text, name, &dir, &dir, &[]).unwrap_or_else(|e| panic!("{e}"));
+            assert!(r.quantization.keep_dense_modules().is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn other_rules_checked_before_loading_name_the_key() {
+        let e = parse(&GOOD.replace("path = \"models/tiny\"", "path = \"m\"\nbuiltin = \"tiny-mistral\""), &[])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "recipe.toml:4: `model.builtin`: expected one of tiny-mixtral, found `tiny-mistral` (did you mean \
+             `tiny-mixtral`?)"
+        );
+        let e = parse(&format!("{GOOD}\n[lora.rank_pattern]\n'q_proj(' = 4\n"), &[]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("lora.rank_pattern"));
+        assert!(e.message.starts_with("expected a regular expression as key, found `q_proj(`"), "{e}");
+        let e = parse(&format!("{GOOD}\n[lora.alpha_pattern]\n'[' = 4.0\n"), &[]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("lora.alpha_pattern"), "{e}");
+    }
+
+    /// PEFT takes the first key, in the order written, whose regex matches the module name: with
+    /// `q_proj` first every q_proj gets rank 4; sorted, `layers\.0\...` would come first and give 2.
+    #[test]
+    fn rank_pattern_keeps_the_order_written() {
+        let text = format!(
+            "{GOOD}\n[lora.rank_pattern]\nq_proj = 4\n'layers\\.0\\.self_attn\\.q_proj' = 2\n\n\
+             [lora.alpha_pattern]\nv_proj = 8.0\n'layers\\.0\\.self_attn\\.v_proj' = 64.0\n"
+        );
+        let r = parse(&text, &[]).unwrap();
+        let keys: Vec<&str> = r.lora.rank_pattern.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["q_proj", r"layers\.0\.self_attn\.q_proj"]);
+        let keys: Vec<&str> = r.lora.alpha_pattern.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["v_proj", r"layers\.0\.self_attn\.v_proj"]);
+        let plan = crate::lora::LoraPlan::new(crate::train::run::lora_settings(&r)).unwrap();
+        assert_eq!(plan.module("model.layers.0.self_attn.q_proj").r, 4);
+        assert_eq!(plan.module("model.layers.0.self_attn.v_proj").alpha, 8.0);
+        // The resolved recipe the run stores keeps the order too.
+        let back = parse(&r.to_toml(), &[]).unwrap();
+        let keys: Vec<&str> = back.lora.rank_pattern.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["q_proj", r"layers\.0\.self_attn\.q_proj"]);
+        // And so does an override.
+        let r = parse(GOOD, &[r#"lora.rank_pattern={ w2 = 3, 'layers\.1\.block_sparse_moe\.experts\.0\.w2' = 1 }"#])
+            .unwrap();
+        let keys: Vec<&str> = r.lora.rank_pattern.keys().map(String::as_str).collect();
+        assert_eq!(keys, vec!["w2", r"layers\.1\.block_sparse_moe\.experts\.0\.w2"]);
     }
 }

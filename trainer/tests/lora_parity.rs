@@ -197,7 +197,8 @@ fn check_trajectory(name: &str, model_name: &str, kind: ScheduleKind) {
     let losses = j["losses"].as_array().unwrap();
     for s in 0..10u64 {
         let mbs = [row(2 * s as usize), row(2 * s as usize + 1)];
-        let report = optimizer_step(s, &model, &params, &mut adamw, &schedule, &mbs, &settings, 0).unwrap();
+        let report =
+            optimizer_step(s, &model, &params, &mut adamw, &schedule, &mbs, &settings, 0, &mut |_| {}).unwrap();
         let want = losses[s as usize].as_f64().unwrap();
         assert!((report.loss - want).abs() <= 1e-4 * want.abs(), "{name} step {s}: loss {} vs {want}", report.loss);
         let norm = j["grad_norms"][s as usize].as_f64().unwrap();

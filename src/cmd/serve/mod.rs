@@ -42,7 +42,10 @@ use trainer::model::{Model, ModelTokenizer};
 use self::api::{chat_prompt_ids, parse_body, parse_object, parse_tool_calls, read_body, ApiError};
 use self::metrics::Metrics;
 use self::worker::{GenerateJob, Job, Worker, WorkerEvent};
-use super::model_args::ModelArgs;
+use super::model_args::{ContextNeed, Demand, LoadArgs, ModelArgs};
+
+/// The least context the server starts with (the memory check fails below it).
+const MIN_CONTEXT: usize = 512;
 
 /// Arguments of `tramontane serve`.
 #[derive(clap::Args)]
@@ -55,9 +58,9 @@ pub struct ServeArgs {
     /// A PEFT LoRA adapter to serve under a name, as `NAME=DIR` (repeatable); requests select it with `"model": NAME`.
     #[arg(long = "adapter", value_name = "NAME=DIR")]
     pub adapter: Vec<String>,
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32", value_name = "DTYPE")]
-    pub dtype: String,
+    /// Dtype, quantization and memory check.
+    #[command(flatten)]
+    pub load: LoadArgs,
     /// Address to bind (loopback by default; use 0.0.0.0 to expose the server).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -118,8 +121,19 @@ struct CommonParams {
 
 /// Runs `tramontane serve`.
 pub fn run(args: ServeArgs) -> Result<()> {
-    let base_args = ModelArgs { model: args.model.clone(), adapter: Vec::new(), dtype: args.dtype.clone() };
-    let loaded = base_args.load(true)?;
+    let base_args = ModelArgs { model: args.model.clone(), adapter: Vec::new(), load: args.load.clone() };
+    // The memory check covers one sequence at the context it chooses (as much as fits, up to the model's);
+    // requests longer than that context are refused, and concurrent sequences add their own KV caches.
+    let demand = Demand {
+        context: ContextNeed::AsMuchAsFits { min: MIN_CONTEXT },
+        extra_adapters: args
+            .adapter
+            .iter()
+            .filter_map(|spec| spec.split_once('=').map(|(_, dir)| PathBuf::from(dir)))
+            .collect(),
+    };
+    let loaded = base_args.load(true, &demand)?;
+    let context = loaded.context;
     let tokenizer = Arc::new(loaded.tokenizer.context("serving needs tokenizer.json")?);
     let base = loaded.model;
     let base_name = args.base_name.clone().unwrap_or_else(|| {
@@ -142,7 +156,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.max_batch_size == 0 {
         bail!("--max-batch-size must be at least 1");
     }
-    let context = base.config.max_position_embeddings;
     let defaults = GenerationDefaults::load(&args.model).unwrap_or_default();
     let eos_ids =
         if defaults.eos_token_ids.is_empty() { tokenizer.eos_ids.clone() } else { defaults.eos_token_ids.clone() };

@@ -27,15 +27,14 @@ pub struct LinearCrossEntropy {
 
 impl LinearCrossEntropy {
     /// Per-row negative log-likelihoods of `weight`'s logits of `hidden` `[n, in]` at `targets`;
-    /// `None` when the fused path does not apply (not f32 on the CPU).
+    /// `None` when the fused path does not apply (hidden states not f32 on the CPU, or a weight the CPU
+    /// products do not take).
     pub fn nll(hidden: &Tensor, weight: &FrozenWeight, targets: &[u32]) -> candle_core::Result<Option<Tensor>> {
         if hidden.dtype() != DType::F32 || !hidden.device().is_cpu() || hidden.rank() != 2 {
             return Ok(None);
         }
-        if let FrozenWeight::Dense(w) = weight {
-            if w.dtype() != DType::F32 || !w.device().is_cpu() {
-                return Ok(None);
-            }
+        if !weight.has_cpu_products() {
+            return Ok(None);
         }
         let op = LinearCrossEntropy {
             weight: weight.clone(),

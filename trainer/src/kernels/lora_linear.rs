@@ -52,14 +52,11 @@ impl LoraLinear {
         x.contiguous()?.apply_op3_arc(a, b, Arc::new(Box::new(op))).map(Some)
     }
 
-    /// Whether the fused op computes this product: everything f32 on the CPU (an NF4 weight always is).
+    /// Whether the fused op computes this product: input and adapter f32 on the CPU, and a base weight
+    /// the CPU products take (NF4, or dense f32/bf16/f16).
     pub fn applies(x: &Tensor, weight: &FrozenWeight, a: &Tensor, b: &Tensor) -> bool {
         let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-        let weight_ok = match weight {
-            FrozenWeight::Dense(w) => f32_cpu(w),
-            FrozenWeight::Nf4(_) => true,
-        };
-        f32_cpu(x) && f32_cpu(a) && f32_cpu(b) && weight_ok
+        f32_cpu(x) && f32_cpu(a) && f32_cpu(b) && weight.has_cpu_products()
     }
 
     /// `x * mask`, or `x` itself without dropout.

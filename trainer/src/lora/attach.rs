@@ -129,8 +129,10 @@ pub fn attach_lora(model: &mut Model, plan: &LoraPlan, init: &LoraInit) -> Resul
                     RouterMode::Frozen => {}
                     RouterMode::Lora => at.attach(&mut moe.router, &router)?,
                     RouterMode::Full => {
+                        // The Var itself becomes the layer's weight (f32 master weights, whatever the
+                        // model's dtype): a converted copy would not be a Var and would never train.
                         let var = Var::from_tensor(&moe.router.dense_weight()?.to_dtype(DType::F32)?)?;
-                        moe.router.set_weight(var.as_tensor().to_dtype(model.dtype)?);
+                        moe.router.set_weight(var.as_tensor().clone());
                         at.named.push((format!("base_model.model.{router}.weight"), var));
                     }
                 }

@@ -1,9 +1,9 @@
 //! Which modules get LoRA, with what rank and alpha: targets, layers, PEFT-style
 //! `rank_pattern` / `alpha_pattern` (regular expressions matched like PEFT: `^(.*\.)?(KEY)$`
-//! against the module name), rsLoRA, dropout, and what happens to Mixtral's router.
+//! against the module name, in the order the user wrote them: the first matching key wins), rsLoRA,
+//! dropout, and what happens to Mixtral's router.
 
-use std::collections::BTreeMap;
-
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 /// What to do with Mixtral's router.
@@ -36,10 +36,11 @@ pub struct LoraSettings {
     pub use_rslora: bool,
     /// Target module names (see [`TARGETABLE`]).
     pub targets: Vec<String>,
-    /// Per-module rank overrides: regex key -> rank.
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module alpha overrides: regex key -> alpha.
-    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Per-module rank overrides: regex key -> rank, in the user's order (the first matching key wins, as in
+    /// PEFT's `get_pattern_key`).
+    pub rank_pattern: IndexMap<String, usize>,
+    /// Per-module alpha overrides: regex key -> alpha, in the user's order (the first matching key wins).
+    pub alpha_pattern: IndexMap<String, f64>,
     /// Only these layer indices get LoRA (all when `None`).
     pub layers: Option<Vec<usize>>,
     /// Mixtral router treatment.
@@ -54,8 +55,8 @@ impl Default for LoraSettings {
             dropout: 0.0,
             use_rslora: false,
             targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            rank_pattern: IndexMap::new(),
+            alpha_pattern: IndexMap::new(),
             layers: None,
             router: RouterMode::Frozen,
         }
@@ -81,7 +82,7 @@ pub struct ModuleLora {
     pub scale: f64,
 }
 
-fn compile<T: Copy>(patterns: &BTreeMap<String, T>, field: &str) -> Result<Vec<(regex::Regex, T)>, String> {
+fn compile<T: Copy>(patterns: &IndexMap<String, T>, field: &str) -> Result<Vec<(regex::Regex, T)>, String> {
     patterns
         .iter()
         .map(|(key, v)| {
@@ -167,5 +168,29 @@ mod tests {
         assert!(LoraPlan::new(bad).unwrap_err().contains("lora.targets: unknown module `qproj`"));
         let bad = LoraSettings { dropout: 1.5, ..LoraSettings::default() };
         assert!(LoraPlan::new(bad).unwrap_err().contains("lora.dropout"));
+    }
+
+    /// PEFT's `get_pattern_key` returns the first key, in the dict's insertion order, whose
+    /// `(.*\.)?(KEY)$` matches: `{"q_proj": 4, "layers.0.self_attn.q_proj": 2}` gives every q_proj rank 4
+    /// (the second key is never reached), the reversed dict gives layer 0's q_proj rank 2. Sorted keys
+    /// would pick `layers.0...` first both times.
+    #[test]
+    fn the_first_pattern_in_the_users_order_wins() {
+        let plan = |keys: &[(&str, usize)]| {
+            let mut s = LoraSettings { r: 8, ..LoraSettings::default() };
+            for (k, r) in keys {
+                s.rank_pattern.insert(k.to_string(), *r);
+                s.alpha_pattern.insert(k.to_string(), *r as f64 * 10.0);
+            }
+            LoraPlan::new(s).unwrap()
+        };
+        let (q0, q1) = ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj");
+        let short_first = plan(&[("q_proj", 4), (r"layers\.0\.self_attn\.q_proj", 2)]);
+        assert_eq!((short_first.module(q0).r, short_first.module(q0).alpha), (4, 40.0));
+        assert_eq!(short_first.module(q1).r, 4);
+        let long_first = plan(&[(r"layers\.0\.self_attn\.q_proj", 2), ("q_proj", 4)]);
+        assert_eq!((long_first.module(q0).r, long_first.module(q0).alpha), (2, 20.0));
+        assert_eq!(long_first.module(q1).r, 4);
+        assert_eq!(long_first.module("model.layers.0.self_attn.k_proj").r, 8);
     }
 }

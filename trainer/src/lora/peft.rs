@@ -202,8 +202,8 @@ pub fn lora_spec(s: &LoraSettings) -> LoraSpec {
     }
 }
 
-/// The LoRA settings that continue training an adapter (patterns are explicit per-module entries, so the order
-/// of `LoraSettings`' sorted maps does not matter).
+/// The LoRA settings that continue training an adapter. The patterns keep the spec's order (the first matching
+/// key wins, as in PEFT).
 pub fn lora_settings(spec: &LoraSpec) -> LoraSettings {
     LoraSettings {
         r: spec.r,
@@ -371,29 +371,44 @@ pub fn describe_adapter(dir: &Path, base: Option<&Path>) -> Result<(serde_json::
         })),
     });
     let scale = if c.use_rslora { "alpha/sqrt(r)" } else { "alpha/r" };
+    // Human text, not Rust debug output: lists comma-separated, absent values as "none".
+    let list = |v: Option<&Vec<String>>| v.filter(|v| !v.is_empty()).map_or("none".to_string(), |v| v.join(", "));
+    let modules = match &c.target_modules {
+        None => "none".to_string(),
+        Some(adapters::config::ModuleSelector::Regex(r)) => format!("matching `{r}`"),
+        Some(adapters::config::ModuleSelector::List(v)) => list(Some(v)),
+    };
+    let pattern = |p: Vec<String>| if p.is_empty() { "none".to_string() } else { p.join(", ") };
     let mut lines = vec![
         format!("adapter      {} (PEFT {})", dir.display(), c.peft_type.as_deref().unwrap_or("?")),
         format!("base model   {}", c.base_model_name_or_path.as_deref().unwrap_or("-")),
         format!("rank/alpha   r {}, alpha {}, scale {scale}, dropout {}", c.r, c.lora_alpha, c.lora_dropout),
-        format!("targets      modules {:?}, parameters {:?}", c.target_modules, c.target_parameters),
+        format!("targets      modules {modules}, parameters {}", list(c.target_parameters.as_ref())),
         format!("layout       {layout}"),
     ];
     if !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
-        lines.push(format!("patterns     rank {:?}, alpha {:?}", c.rank_pattern.0, c.alpha_pattern.0));
+        lines.push(format!(
+            "patterns     rank {}, alpha {}",
+            pattern(c.rank_pattern.0.iter().map(|(k, v)| format!("{k}: {v}")).collect()),
+            pattern(c.alpha_pattern.0.iter().map(|(k, v)| format!("{k}: {v}")).collect())
+        ));
     }
     if let Some(l) = &c.layers_to_transform {
         lines.push(format!("layers       {:?}", l.to_vec()));
     }
     if let Some(m) = &c.modules_to_save {
-        lines.push(format!("saved whole  {m:?}"));
+        lines.push(format!("saved whole  {}", list(Some(m))));
     }
-    let rk: Vec<String> = ranks.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+    let rk: Vec<String> = ranks
+        .iter()
+        .map(|(k, v)| format!("{k}: {}", v.iter().map(usize::to_string).collect::<Vec<_>>().join("/")))
+        .collect();
     lines.push(format!("ranks        {}", rk.join(", ")));
     lines.push(format!(
         "tensors      {} ({} parameters), layers {:?}, hidden size {}",
         files.tensors.len(),
         files.parameter_count(),
-        layers,
+        layers.iter().collect::<Vec<_>>(),
         hidden.map_or("?".into(), |h| h.to_string())
     ));
     match &fit {

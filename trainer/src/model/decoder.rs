@@ -55,11 +55,14 @@ pub struct LayerContext {
 }
 
 impl DecoderLayer {
-    /// Runs the layer on `x` `[b, t, hidden]`.
+    /// Runs the layer on `x` `[b, t, hidden]`: computes in [`compute_dtype`] and returns the residual
+    /// stream in `x`'s dtype (so a bf16 model keeps bf16 between layers, as Hugging Face's does).
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&mut LayerCache>) -> Result<LayerOutput> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, &ctx.rotary, ctx.mask.as_ref(), cache)?;
+        let storage = x.dtype();
+        let x = x.to_dtype(compute_dtype(storage, x.device()))?;
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(&x)?, &ctx.rotary, ctx.mask.as_ref(), cache)?;
         let (hidden, router_logits) = self.feed_forward_residual(&(x + attn)?)?;
-        Ok(LayerOutput { hidden, router_logits })
+        Ok(LayerOutput { hidden: hidden.to_dtype(storage)?, router_logits })
     }
 
     /// The layer's second half on the residual stream `h` after attention: `h + ffn(norm(h))`, with the
@@ -74,6 +77,17 @@ impl DecoderLayer {
             }
         };
         Ok(((h + ff)?, router_logits))
+    }
+}
+
+/// The dtype a layer computes in when its residual stream is stored in `storage` on `device`: f32 on
+/// the CPU, where the fused kernels run (bf16/f16 weights are expanded to f32 a tile at a time, see
+/// [`crate::quant::FrozenWeight`]), the storage dtype elsewhere.
+pub fn compute_dtype(storage: DType, device: &Device) -> DType {
+    if device.is_cpu() && matches!(storage, DType::BF16 | DType::F16) {
+        DType::F32
+    } else {
+        storage
     }
 }
 
@@ -110,13 +124,24 @@ pub struct Model {
     pub norm: RmsNorm,
     /// Output projection `[vocab, hidden]`.
     pub lm_head: Linear,
-    /// Compute dtype of activations.
+    /// Storage dtype of the dense weights and of the residual stream between layers (layers compute in
+    /// [`Model::compute_dtype`]).
     pub dtype: DType,
     /// Device of the weights.
     pub device: Device,
 }
 
 impl Model {
+    /// The dtype the layers, the final norm and the loss compute in (see [`compute_dtype`]).
+    pub fn compute_dtype(&self) -> DType {
+        compute_dtype(self.dtype, &self.device)
+    }
+
+    /// The final norm of the residual stream `h`, in [`Model::compute_dtype`].
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        self.norm.forward(&h.to_dtype(self.compute_dtype())?)
+    }
+
     /// Embeds `ids` `[b, t]` (u32) into `[b, t, hidden]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -141,7 +166,7 @@ impl Model {
             }
         };
         let c = &self.config;
-        let rotary = Rotary::new(positions, b, c.head_dim, c.rope_theta, self.dtype, &self.device)?;
+        let rotary = Rotary::new(positions, b, c.head_dim, c.rope_theta, self.compute_dtype(), &self.device)?;
         let spec = MaskSpec {
             documents: layout.documents,
             key_valid: layout.key_valid,
@@ -166,7 +191,7 @@ impl Model {
         if let Some(cache) = cache {
             cache.advance(t)?;
         }
-        Ok(DecoderOutput { hidden: self.norm.forward(&h)?, router_logits })
+        Ok(DecoderOutput { hidden: self.final_norm(&h)?, router_logits })
     }
 
     /// Logits `[..., vocab]` of final hidden states `[..., hidden]`.

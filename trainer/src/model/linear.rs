@@ -100,7 +100,9 @@ impl Linear {
             None => {
                 let y = match &self.base {
                     LinearBase::Frozen(w) => w.forward(&x2)?,
-                    LinearBase::Trainable(w) => matmul(&x2, &w.t()?)?,
+                    // A trainable weight keeps its own dtype (f32 master weights); the conversion to the
+                    // input's is differentiable.
+                    LinearBase::Trainable(w) => matmul(&x2, &w.to_dtype(x2.dtype())?.t()?)?,
                 };
                 match &self.lora {
                     Some(lora) => (y + lora.delta(&x2)?)?,

@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::attention::Attention;
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, DiskDType};
 use super::config::{Architecture, ModelConfig};
 use super::decoder::{DecoderLayer, FeedForward, Model};
 use super::linear::Linear;
@@ -206,6 +206,29 @@ impl TensorSource<'_> {
     }
 }
 
+/// The dtype a checkpoint is stored in: config.json's `torch_dtype` / `dtype` when it names a float
+/// type, else the float dtype holding most of the safetensors' elements, else f32.
+pub fn checkpoint_dtype(config: &ModelConfig, ckpt: &Checkpoint) -> DType {
+    let declared = config.declared_dtype.as_deref().map(|d| d.trim_start_matches("torch."));
+    match declared {
+        Some("float32" | "fp32" | "float") => return DType::F32,
+        Some("bfloat16" | "bf16") => return DType::BF16,
+        Some("float16" | "fp16" | "half") => return DType::F16,
+        _ => {}
+    }
+    let mut counts = [(DType::F32, 0usize), (DType::BF16, 0), (DType::F16, 0)];
+    for (_, info) in ckpt.tensors() {
+        let slot = match info.dtype {
+            DiskDType::F32 => 0,
+            DiskDType::BF16 => 1,
+            DiskDType::F16 => 2,
+            _ => continue,
+        };
+        counts[slot].1 += info.numel();
+    }
+    counts.iter().filter(|(_, n)| *n > 0).max_by_key(|(_, n)| *n).map_or(DType::F32, |(d, _)| *d)
+}
+
 /// Loads config.json and the weights of a model directory.
 pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let config = ModelConfig::from_path(dir)?;
@@ -313,4 +336,29 @@ fn load_moe(src: &mut TensorSource, l: usize, e: usize, k: usize, h: usize, i: u
         }
     }
     Ok(SparseMoe::new(router, experts, k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(name)
+    }
+
+    #[test]
+    fn the_checkpoint_dtype_is_the_declared_one_else_the_tensors() {
+        // tiny-mistral declares float32, tiny-mistral-bf16-sharded bfloat16 (`dtype`, transformers 5).
+        for (name, dtype) in [("tiny-mistral", DType::F32), ("tiny-mistral-bf16-sharded", DType::BF16)] {
+            let dir = fixture(name);
+            let mut config = ModelConfig::from_path(&dir).unwrap();
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            assert_eq!(checkpoint_dtype(&config, &ckpt), dtype, "{name}");
+            // Without the declaration, the tensors' own dtype decides.
+            config.declared_dtype = None;
+            assert_eq!(checkpoint_dtype(&config, &ckpt), dtype, "{name} by its tensors");
+            config.declared_dtype = Some("float16".into());
+            assert_eq!(checkpoint_dtype(&config, &ckpt), DType::F16, "{name} declared f16");
+        }
+    }
 }

@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod linear;
 pub mod loader;
 pub mod mask;
+pub mod memory;
 pub mod mlp;
 pub mod moe;
 pub mod norm;

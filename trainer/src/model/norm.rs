@@ -21,7 +21,15 @@ impl RmsNorm {
 
     /// Normalizes `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = rms_norm(x, &self.weight, self.eps)? {
+        // A bf16 model computing in f32 (or the reverse) scales by the weight in the input's dtype.
+        let converted;
+        let weight = if self.weight.dtype() == x.dtype() {
+            &self.weight
+        } else {
+            converted = self.weight.to_dtype(x.dtype())?;
+            &converted
+        };
+        if let Some(y) = rms_norm(x, weight, self.eps)? {
             return Ok(y);
         }
         let dtype = x.dtype();
@@ -29,6 +37,6 @@ impl RmsNorm {
         let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (variance + self.eps)?.sqrt()?.recip()?;
         let normed = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
-        normed.broadcast_mul(&self.weight)
+        normed.broadcast_mul(weight)
     }
 }

@@ -85,49 +85,128 @@ fn normal(rng: &mut Rng) -> f64 {
 /// Writes `config.json`, `generation_config.json` and `model.safetensors` (f32) of a random
 /// model into `dir`: weights `std * N(0, 1)`, norms 1, routers `4 * std * N(0, 1)`.
 pub fn write_random_model(dir: &Path, c: &ModelConfig, seed: u64, std: f64) -> Result<()> {
+    write_random_checkpoint(dir, c, seed, std, StoredDtype::F32, usize::MAX)
+}
+
+/// The dtype a random checkpoint is stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDtype {
+    /// float32, 4 bytes per value.
+    F32,
+    /// bfloat16 (round to nearest even), 2 bytes per value, as real Mistral checkpoints ship.
+    Bf16,
+}
+
+impl StoredDtype {
+    fn bytes(self) -> usize {
+        match self {
+            StoredDtype::F32 => 4,
+            StoredDtype::Bf16 => 2,
+        }
+    }
+    fn safetensors_name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "F32",
+            StoredDtype::Bf16 => "BF16",
+        }
+    }
+    fn torch_name(self) -> &'static str {
+        match self {
+            StoredDtype::F32 => "float32",
+            StoredDtype::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// [`write_random_model`] in `dtype`, split into shards of at most `shard_bytes` (whole tensors;
+/// `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json` when there are several, as the
+/// hub writes them), written one tensor at a time: a 7B model never sits in memory. The same values
+/// whatever the dtype and sharding (bf16 rounds them).
+pub fn write_random_checkpoint(
+    dir: &Path,
+    c: &ModelConfig,
+    seed: u64,
+    std: f64,
+    dtype: StoredDtype,
+    shard_bytes: usize,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
         let path = dir.join(name);
         let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
         std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
     };
-    write_json("config.json", &config_json(c))?;
+    let mut config = config_json(c);
+    config["torch_dtype"] = dtype.torch_name().into();
+    write_json("config.json", &config)?;
     write_json(
         "generation_config.json",
         &serde_json::json!({"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids.first()}),
     )?;
-    let shapes = hub_tensor_shapes(c);
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (name, shape) in &shapes {
-        let bytes = shape.iter().product::<usize>() * 4;
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
-    }
-    let mut header_text = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
-    while header_text.len() % 8 != 0 {
-        header_text.push(b' ');
-    }
-    let path = dir.join("model.safetensors");
-    let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-    let mut out = BufWriter::new(file);
-    let io = |e| Error::io(&path, e);
-    out.write_all(&(header_text.len() as u64).to_le_bytes()).map_err(io)?;
-    out.write_all(&header_text).map_err(io)?;
-    let mut rng = Rng::new(seed);
-    for (name, shape) in &shapes {
-        let n: usize = shape.iter().product();
-        let is_norm = name.ends_with("norm.weight");
-        let sd = if name.contains(".gate.weight") { 4.0 * std } else { std };
-        let mut buf = Vec::with_capacity(n * 4);
-        for _ in 0..n {
-            let x = if is_norm { 1.0f32 } else { (normal(&mut rng) * sd) as f32 };
-            buf.extend_from_slice(&x.to_le_bytes());
+    // Tensors grouped into shards in file order.
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut in_shard = 0usize;
+    for (name, shape) in hub_tensor_shapes(c) {
+        let bytes = shape.iter().product::<usize>() * dtype.bytes();
+        if in_shard > 0 && in_shard.saturating_add(bytes) > shard_bytes {
+            shards.push(Vec::new());
+            in_shard = 0;
         }
-        out.write_all(&buf).map_err(io)?;
+        in_shard += bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push((name, shape));
+        }
     }
-    out.flush().map_err(io)
+    let count = shards.len();
+    let file_name = |i: usize| {
+        if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", i + 1)
+        }
+    };
+    let mut rng = Rng::new(seed);
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for (name, shape) in shard {
+            let bytes = shape.iter().product::<usize>() * dtype.bytes();
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            );
+            weight_map.insert(name.clone(), file_name(i).into());
+            offset += bytes;
+        }
+        let mut header_text = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+        while header_text.len() % 8 != 0 {
+            header_text.push(b' ');
+        }
+        let path = dir.join(file_name(i));
+        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mut out = BufWriter::new(file);
+        let io = |e| Error::io(&path, e);
+        out.write_all(&(header_text.len() as u64).to_le_bytes()).map_err(io)?;
+        out.write_all(&header_text).map_err(io)?;
+        for (name, shape) in shard {
+            let n: usize = shape.iter().product();
+            let is_norm = name.ends_with("norm.weight");
+            let sd = if name.contains(".gate.weight") { 4.0 * std } else { std };
+            let mut buf = Vec::with_capacity(n * dtype.bytes());
+            for _ in 0..n {
+                let x = if is_norm { 1.0f32 } else { (normal(&mut rng) * sd) as f32 };
+                match dtype {
+                    StoredDtype::F32 => buf.extend_from_slice(&x.to_le_bytes()),
+                    StoredDtype::Bf16 => buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                }
+            }
+            out.write_all(&buf).map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+    }
+    if count > 1 {
+        write_json("model.safetensors.index.json", &serde_json::json!({"metadata": {}, "weight_map": weight_map}))?;
+    }
+    Ok(())
 }

@@ -8,15 +8,17 @@
 //! GradStore never holds anything of its size. When `x` carries no gradient (inference) the bridge is
 //! skipped.
 //!
-//! Dtypes: a dense weight is used in its own dtype (`x` is converted to it and the result back to `x`'s
-//! dtype); an NF4 weight computes in f32 (`x` of dtype bf16/f16/f64 is converted to f32 and back, through
+//! Dtypes: on the CPU an f32 input takes the f32 kernels whatever the weight's storage: an f32 weight
+//! directly, a bf16/f16 weight expanded to f32 a tile of rows at a time (so a bf16 model computes in f32
+//! without an f32 copy of its weights). Elsewhere a dense weight is used in its own dtype (`x` is
+//! converted to it and the result back to `x`'s dtype); an NF4 weight computes in f32 (`x` of dtype bf16/f16/f64 is converted to f32 and back, through
 //! differentiable conversions). Devices: the products run wherever candle runs (dense) or on the CPU
-//! (NF4; a GPU kernel would go into [`super::nf4_matmul::Nf4MatMul`]'s `cuda_fwd`). The bridge has only
+//! (NF4; a GPU kernel would go into [`super::tiled_matmul::Nf4MatMul`]'s `cuda_fwd`). The bridge has only
 //! a `cpu_fwd` (it copies `y`): training on a GPU needs its `cuda_fwd` too (a device copy), not written
 //! while the crate builds without candle's `cuda` feature. Inference needs no bridge.
 
 use super::nf4::Nf4Weight;
-use super::nf4_matmul::{Nf4MatMul, Nf4Product};
+use super::tiled_matmul::{HalfRows, Nf4MatMul, Nf4Product};
 use crate::kernels::storage::with_matrix_f32;
 use crate::kernels::{frozen_gemm, DenseLinear, DenseProduct, MatRef};
 use candle_core::backend::BackendStorage;
@@ -132,11 +134,18 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Nf4(w) => {
                 if transposed {
-                    super::nf4_matmul::input_grad_cpu(w, x, m, out)
+                    super::tiled_matmul::input_grad_cpu(&**w, x, m, out)
                 } else {
-                    super::nf4_matmul::forward_cpu(w, x, m, out)
+                    super::tiled_matmul::forward_cpu(&**w, x, m, out)
                 }
             }
+            FrozenWeight::Dense(w) if w.dtype() != DType::F32 => with_half_rows(w, |rows| {
+                if transposed {
+                    super::tiled_matmul::input_grad_cpu(&rows, x, m, out)
+                } else {
+                    super::tiled_matmul::forward_cpu(&rows, x, m, out)
+                }
+            }),
             FrozenWeight::Dense(w) => Ok(with_matrix_f32(w, "frozen linear", |weight| {
                 let (k, b) = if transposed { (weight.rows, weight) } else { (weight.cols, weight.t()) };
                 if x.len() != m * k || out.len() != m * b.cols {
@@ -150,6 +159,15 @@ impl FrozenWeight {
                 }
                 frozen_gemm(MatRef::row_major(x, m, k), b, out, b.cols, false).map_err(candle_core::Error::Msg)
             })?),
+        }
+    }
+
+    /// Whether the CPU slice products ([`FrozenWeight::forward_f32`], [`FrozenWeight::input_grad_f32`])
+    /// take this weight: NF4, or a dense f32/bf16/f16 weight on the CPU.
+    pub fn has_cpu_products(&self) -> bool {
+        match self {
+            FrozenWeight::Nf4(_) => true,
+            FrozenWeight::Dense(w) => w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16),
         }
     }
 
@@ -169,6 +187,9 @@ impl FrozenWeight {
                 if w.dtype() == DType::F32 && x.dtype() == DType::F32 && x.device().is_cpu() {
                     let product = if transposed { DenseProduct::InputGrad } else { DenseProduct::Forward };
                     return x.contiguous()?.apply_op2_no_bwd(&w, &DenseLinear(product));
+                }
+                if x.dtype() == DType::F32 && self.has_cpu_products() {
+                    return x.contiguous()?.apply_op1_no_bwd(&HalfWeightProduct { weight: self.clone(), transposed });
                 }
                 let x2 = x.reshape((m, k))?;
                 let x2 = if x2.dtype() == w.dtype() { x2 } else { x2.to_dtype(w.dtype())? };
@@ -195,6 +216,59 @@ impl FrozenWeight {
                 }
             }
         }
+    }
+}
+
+/// Calls `f` with the rows of a contiguous bf16/f16 CPU weight.
+fn with_half_rows<R>(w: &Tensor, f: impl FnOnce(HalfRows<'_>) -> crate::Result<R>) -> crate::Result<R> {
+    let cols = w.dims().last().copied().unwrap_or(0);
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        return Err(crate::Error::Invalid("frozen linear: a CPU weight expected".into()));
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Err(crate::Error::Invalid("frozen linear: a contiguous 16-bit weight expected".into()));
+    };
+    match storage {
+        CpuStorage::BF16(v) => f(HalfRows::Bf16 { data: &v[a..b], cols }),
+        CpuStorage::F16(v) => f(HalfRows::F16 { data: &v[a..b], cols }),
+        other => {
+            Err(crate::Error::Invalid(format!("frozen linear: bf16/f16 weight expected, found {:?}", other.dtype())))
+        }
+    }
+}
+
+/// `x W^T` or `g W` of an f32 input with a 16-bit dense weight on the CPU, expanded to f32 a tile of
+/// rows at a time (no backward: the frozen-linear bridge owns the gradient rule).
+#[derive(Debug, Clone)]
+struct HalfWeightProduct {
+    weight: FrozenWeight,
+    transposed: bool,
+}
+
+impl candle_core::CustomOp1 for HalfWeightProduct {
+    fn name(&self) -> &'static str {
+        "half-weight-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = crate::kernels::storage::contiguous_f32(storage, layout, self.name())?;
+        let (out_features, in_features) = self.weight.dims()?;
+        let (k, n) = if self.transposed { (out_features, in_features) } else { (in_features, out_features) };
+        let dims = layout.dims();
+        if dims.last() != Some(&k) {
+            bail!("{}: input {dims:?} does not end in {k}", self.name())
+        }
+        let m = x.len() / k.max(1);
+        let mut out = vec![0f32; m * n];
+        self.weight
+            .slice_product(x, m, &mut out, self.transposed)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut out_dims = dims.to_vec();
+        if let Some(l) = out_dims.last_mut() {
+            *l = n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 }
 

@@ -5,14 +5,14 @@
 //!   quantization of the block scales);
 //! - [`torch_mean`]: PyTorch's f32 mean, reproduced bit for bit (the double-quantization offset);
 //! - [`bnb_format`]: reading and writing bitsandbytes' serialized 4-bit tensors;
-//! - [`nf4_matmul`]: the CPU kernels `x W^T` and `g W` over dequantized tiles;
+//! - [`tiled_matmul`]: the CPU kernels `x W^T` and `g W` over tiles expanded to f32 (NF4, bf16, f16);
 //! - [`frozen_linear`]: [`FrozenWeight`], a linear whose base weight never gets or costs a gradient.
 
 pub mod bnb_format;
 pub mod dynamic_map;
 pub mod frozen_linear;
 pub mod nf4;
-pub mod nf4_matmul;
+pub mod tiled_matmul;
 pub mod torch_mean;
 
 pub use bnb_format::{BnbParts, RawTensor};

@@ -32,27 +32,37 @@ pub struct JsonlSink {
     file: File,
 }
 
-impl JsonlSink {
-    /// Opens (appending to) `path`. When resuming from step `resume_step`, records of later steps
-    /// (written after that checkpoint by a run that was then killed) are dropped first, so the file
-    /// reads as if the run had never stopped.
-    pub fn open(path: &Path, resume_step: Option<u64>) -> Result<Self> {
-        if let (Some(resume), true) = (resume_step, path.exists()) {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            let mut kept = String::new();
-            for line in BufReader::new(file).lines() {
-                let line = line.map_err(|e| Error::io(path, e))?;
-                let step = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["step"].as_u64());
-                // A torn last line (killed mid-write) has no step: drop it too.
-                if step.is_some_and(|s| s <= resume) {
-                    kept.push_str(&line);
-                    kept.push('\n');
-                }
-            }
-            std::fs::write(path, kept).map_err(|e| Error::io(path, e))?;
-        } else if resume_step.is_none() && path.exists() {
-            std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+/// Prepares a run's JSON-lines record file (`metrics.jsonl`, `samples.jsonl`: one object with a
+/// `"step"` per line) for appending. A fresh run (`resume_step` `None`) starts it over; a run resumed
+/// from the checkpoint of step `resume_step` keeps only the lines of steps up to it, dropping those
+/// written after that checkpoint by a run that was then killed (the resumed run writes them again)
+/// and a torn last line, so the file reads as if the run had never stopped.
+pub fn rewind_jsonl(path: &Path, resume_step: Option<u64>) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let Some(resume) = resume_step else {
+        return std::fs::remove_file(path).map_err(|e| Error::io(path, e));
+    };
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut kept = String::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        let step = serde_json::from_str::<serde_json::Value>(&line).ok().and_then(|v| v["step"].as_u64());
+        // A torn last line (killed mid-write) has no step: drop it too.
+        if step.is_some_and(|s| s <= resume) {
+            kept.push_str(&line);
+            kept.push('\n');
         }
+    }
+    std::fs::write(path, kept).map_err(|e| Error::io(path, e))
+}
+
+impl JsonlSink {
+    /// Opens (appending to) `path`, after [`rewind_jsonl`]: a fresh run starts the file over, a run
+    /// resumed from step `resume_step` drops the records of later steps first.
+    pub fn open(path: &Path, resume_step: Option<u64>) -> Result<Self> {
+        rewind_jsonl(path, resume_step)?;
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
         Ok(JsonlSink { path: path.to_path_buf(), file })
     }

@@ -5,6 +5,7 @@ pub mod aux_loss;
 pub mod evaluate;
 pub mod grads;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod report;
@@ -14,12 +15,13 @@ pub mod schedule;
 pub mod step;
 pub mod update;
 
+pub use memory::{StepMemory, StepShape};
 pub use optim::{AdamW, AdamWConfig};
 pub use report::{JsonReporter, ProgressReporter, QuietReporter, Reporter, RunSummary};
 pub use run::{run_training, RunOptions};
 pub use schedule::{Schedule, ScheduleKind};
 pub use step::{
-    default_activation_budget, forward_backward, forward_backward_keeping, layer_activation_bytes,
-    layers_within_budget, LossScaling, MicroBatch, MicroBatchOutput,
+    forward_backward, forward_backward_keeping, layer_activation_bytes, layers_within_budget, LossScaling, MicroBatch,
+    MicroBatchOutput,
 };
-pub use update::{optimizer_step, StepReport, StepSettings};
+pub use update::{optimizer_step, StepProgress, StepReport, StepSettings};

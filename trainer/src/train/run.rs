@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::evaluate::{eval_loss, micro_batch, sample_completions};
-use super::metrics::{JsonlSink, MetricRecord, MetricsSink, TensorBoardSink};
+use super::memory::StepShape;
+use super::metrics::{rewind_jsonl, JsonlSink, MetricRecord, MetricsSink, TensorBoardSink};
 use super::optim::{AdamW, AdamWConfig};
 use super::report::{EvalReport, Reporter, RunHeader, RunSummary};
-use super::run_checkpoint::{latest_checkpoint, save_checkpoint, RunCheckpoint};
+use super::run_checkpoint::{latest_checkpoint, recover_dir, replace_dir, save_checkpoint, sibling, RunCheckpoint};
 use super::schedule::Schedule;
-use super::step::{layer_activation_bytes, layers_within_budget, MicroBatch};
+use super::step::MicroBatch;
 use super::update::{optimizer_step, StepReport, StepSettings};
 use crate::lora::{attach_lora, peft, LoraInit, LoraPlan, LoraSettings, TrainableParams};
 use crate::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer, Nf4Options, ParameterCounts};
@@ -125,7 +126,8 @@ pub fn check_output_dir(dir: &Path, checkpoint_bytes: u64) -> Result<()> {
     result.map_err(|e| fail("is not writable or has no room", e))
 }
 
-/// Writes an adapter directory atomically (temporary directory, then rename).
+/// Writes an adapter directory atomically: into `DIR.tmp`, then put in the place of `dir` by
+/// [`replace_dir`] (at every moment either the old or the new adapter is there).
 fn save_adapter_atomic(
     params: &TrainableParams,
     settings: &LoraSettings,
@@ -134,7 +136,7 @@ fn save_adapter_atomic(
     dir: &Path,
     layout: AdapterLayout,
 ) -> Result<()> {
-    let tmp = dir.with_extension("tmp");
+    let tmp = sibling(dir, ".tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -146,10 +148,7 @@ fn save_adapter_atomic(
         AdapterLayout::PerExpert => adapters::ExpertLayout::PerExpert,
     };
     peft::save_adapter(params, settings, config, Some(base.to_string()), &tmp, layout)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    replace_dir(&tmp, dir)
 }
 
 /// The model, data and trainable state a run works on.
@@ -162,6 +161,8 @@ struct Session {
     batches: datasets::Batches,
     eval_batches: Vec<MicroBatch>,
     header: RunHeader,
+    /// With checkpointing, the activation bytes a micro-batch may keep (see [`memory_plan`]).
+    activation_budget: Option<u64>,
 }
 
 fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
@@ -211,6 +212,7 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
     let stats = &data.train.stats;
     let packing = batches.packing_stats();
     let model_bytes = model_memory_bytes(&model);
+    let (activation_budget, memory_plan) = memory_plan(recipe, &model, params.count());
     let header = RunHeader {
         model: model_dir.display().to_string(),
         model_summary: format!(
@@ -240,59 +242,69 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
         total_steps: 0,
         start_step: 0,
         run_dir: run_dir.root.display().to_string(),
-        memory_plan: memory_plan(recipe, &config),
+        memory_plan,
     };
-    Ok(Session { model, tokenizer, encoder, params, settings, batches, eval_batches, header })
+    Ok(Session { model, tokenizer, encoder, params, settings, batches, eval_batches, header, activation_budget })
 }
 
-/// The header's account of what a step keeps for its backward: every activation without checkpointing;
-/// with it, how many of the last layers the activation budget keeps for a full micro-batch.
-fn memory_plan(recipe: &Recipe, config: &ModelConfig) -> String {
-    let layers = config.num_layers;
-    match recipe.train.activation_budget_bytes() {
+/// The step's memory plan, once the model is loaded: the activation budget (the recipe's, else what stays
+/// free after loading, see [`StepShape::default_budget`]; `None` without checkpointing) and the header's
+/// account of it: what a step keeps and recomputes, and its predicted peak part by part.
+fn memory_plan(recipe: &Recipe, model: &Model, trainable_parameters: usize) -> (Option<u64>, String) {
+    let t = &recipe.train;
+    let shape = StepShape {
+        config: &model.config,
+        tokens: t.micro_batch_size * recipe.data.max_seq_len,
+        storage: model.dtype,
+        compute: model.compute_dtype(),
+        trainable_parameters,
+        checkpointing: t.gradient_checkpointing,
+    };
+    let loaded = crate::system::rss_bytes().unwrap_or_else(|| model_memory_bytes(model));
+    let available = crate::system::memory_available_to_process().map(|a| a.bytes);
+    let budget = t
+        .gradient_checkpointing
+        .then(|| t.activation_memory_bytes().unwrap_or_else(|| available.map_or(0, |a| shape.default_budget(a))));
+    let kept = budget.map_or(model.config.num_layers, |b| shape.layers_within(b));
+    let m = shape.memory(loaded, kept);
+    let gib = |b: u64| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
+    let layers = m.layers;
+    let kept_words = match budget {
         None => format!("no gradient checkpointing: the activations of all {layers} layers are kept"),
-        Some(budget) => {
-            let tokens = recipe.train.micro_batch_size * recipe.data.max_seq_len;
-            let kept = layers_within_budget(config, tokens, budget);
-            format!(
-                "gradient checkpointing: keeps the activations of the last {kept} of {layers} layers \
-                 (budget {:.2} GiB per micro-batch of {tokens} tokens, ~{:.2} GiB per layer), recomputes {}",
-                budget as f64 / (1u64 << 30) as f64,
-                layer_activation_bytes(config, tokens) as f64 / (1u64 << 30) as f64,
-                layers - kept
-            )
-        }
-    }
+        Some(b) => format!(
+            "gradient checkpointing: keeps the activations of the last {kept} of {layers} layers, recomputes {} \
+             (budget {} GiB per micro-batch of {} tokens{}, ~{} GiB per layer in {})",
+            layers - kept,
+            gib(b),
+            shape.tokens,
+            match (t.activation_memory_gib, available) {
+                (Some(_), _) => " from train.activation_memory_gib".to_string(),
+                (None, Some(a)) => format!(": half of what stays free of the {} GiB available after loading", gib(a)),
+                (None, None) => ": the OS does not say what is free".to_string(),
+            },
+            gib(m.per_layer),
+            shape.compute.as_str()
+        ),
+    };
+    let peak = format!(
+        "; step peak ~{} GiB = loaded {} + LoRA/AdamW {} + layer inputs {} ({}) + kept activations {} + working {}",
+        gib(m.total()),
+        gib(m.loaded),
+        gib(m.trainable),
+        gib(m.layer_inputs),
+        shape.storage.as_str(),
+        gib(m.kept_activations),
+        gib(m.working)
+    );
+    (budget, kept_words + &peak)
 }
 
-/// The loader's NF4 settings from `[quantization]`. Embeddings, norms, routers and lm_head always
-/// stay at the compute dtype; `keep_unquantized` may add decoder linears to them.
+/// The loader's NF4 settings from `[quantization]`, already checked by [`Recipe::validate`] (block
+/// size, layer names): this only converts. Embeddings, norms, routers and lm_head always stay at the
+/// compute dtype; `keep_unquantized` may add decoder linears to them.
 fn nf4_options(recipe: &Recipe) -> Result<Nf4Options> {
     let q = &recipe.quantization;
-    if q.block_size != 64 {
-        return Err(Error::Invalid(format!(
-            "quantization.block_size = {}: only 64 (bitsandbytes' NF4 block) is supported",
-            q.block_size
-        )));
-    }
-    let mut keep_dense = Vec::new();
-    for name in ["lm_head", "router"] {
-        if !q.keep_unquantized.iter().any(|k| k == name) {
-            return Err(Error::Invalid(format!(
-                "quantization.keep_unquantized must list `{name}`: tramontane keeps it at model.dtype \
-                 (quantizing it to NF4 is not supported)"
-            )));
-        }
-    }
-    for k in q.keep_unquantized.iter().filter(|k| *k != "lm_head" && *k != "router") {
-        let targets = Target::parse_group(k).ok_or_else(|| {
-            Error::Invalid(format!(
-                "quantization.keep_unquantized: `{k}` is not lm_head, router or a linear layer name (q, k, v, o, \
-                 gate, up, down, w1, w2, w3, attention, mlp, experts, all)"
-            ))
-        })?;
-        keep_dense.extend(targets.into_iter().map(|t| hf_target(t).to_string()));
-    }
+    let keep_dense = q.keep_dense_modules().into_iter().map(String::from).collect();
     Ok(Nf4Options { double_quant: q.double_quant, keep_dense })
 }
 
@@ -369,7 +381,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
         aux_coef,
         max_grad_norm: t.max_grad_norm,
         checkpointing: t.gradient_checkpointing,
-        activation_budget: t.activation_budget_bytes(),
+        activation_budget: s.activation_budget,
     };
 
     let mut state =
@@ -384,6 +396,12 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
             .warn(&format!("--resume: no checkpoint in {}, starting from scratch", run_dir.checkpoints().display()));
     }
     let resume_step = resumed.as_ref().map(|c| c.step);
+    // An adapter a crash left moved aside is put back; samples.jsonl is cut back like metrics.jsonl
+    // (the resumed run evaluates those steps again).
+    for dir in [run_dir.adapter(), run_dir.best_adapter()] {
+        recover_dir(&dir)?;
+    }
+    rewind_jsonl(&run_dir.root.join("samples.jsonl"), resume_step)?;
     let mut sinks: Vec<Box<dyn MetricsSink>> = Vec::new();
     if recipe.logging.jsonl {
         sinks.push(Box::new(JsonlSink::open(&run_dir.metrics(), resume_step)?));
@@ -427,6 +445,8 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
         let step_start = Instant::now();
         let mbs: Vec<MicroBatch> = (0..t.grad_accum_steps).map(|_| micro_batch(&s.batches.next_batch())).collect();
         let dropout_seed = t.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(state.step);
+        // `report.step` counts steps done (1 = the first), like metrics, checkpoints and evaluations.
+        let step_number = state.step + 1;
         let report = optimizer_step(
             state.step,
             &s.model,
@@ -436,12 +456,13 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
             &mbs,
             &step_settings,
             dropout_seed,
+            &mut |p| reporter.micro_batch(step_number, p.done, p.of, p.tokens),
         )?;
         if !report.applied {
             bad_steps += 1;
             reporter.warn(&format!(
                 "step {}: loss {} / gradient norm {} is not finite; step skipped ({bad_steps} in a row)",
-                state.step, report.loss, report.grad_norm
+                report.step, report.loss, report.grad_norm
             ));
             if bad_steps >= MAX_BAD_STEPS {
                 state.data = s.batches.position();
@@ -452,7 +473,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
                 return Err(Error::Invalid(format!(
                     "{MAX_BAD_STEPS} steps in a row had a NaN/inf loss or gradient (last at step {}); the last good \
                      state is saved in {}. Lower train.learning_rate or check the data, then --resume.",
-                    state.step,
+                    report.step,
                     run_dir.checkpoints().display()
                 )));
             }
@@ -468,7 +489,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
         reporter.step(&report, total, tps);
         let every = recipe.logging.every_steps.max(1);
         if state.step.is_multiple_of(every) || state.step == total {
-            let record = train_record(&report, tps, state.step);
+            let record = train_record(&report, tps, report.step);
             for sink in &mut sinks {
                 sink.record(&record)?;
             }

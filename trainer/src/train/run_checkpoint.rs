@@ -5,6 +5,10 @@
 //! Layout: `<dir>/step-00000120/{trainable.safetensors, optimizer.safetensors, state.json}`. A
 //! checkpoint is complete when its directory has its final name; partial ones (`*.tmp`) are
 //! ignored and cleaned up.
+//!
+//! [`replace_dir`] replaces a directory (the run's `adapter/`, `adapter-best/`) without a moment
+//! where neither the old nor the new one is there; [`recover_dir`] repairs what a crash in the middle
+//! of the portable fallback leaves.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -121,6 +125,97 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<RunCheckpoint>> {
     }
 }
 
+/// `dir` with `suffix` appended to its last component (`run/adapter` -> `run/adapter.old`).
+pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(suffix);
+    dir.with_file_name(name)
+}
+
+fn sync_parent(dir: &Path) {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// Undoes what an interrupted [`replace_dir`] left of `dir`: when only `dir.old` exists (the old
+/// directory moved aside, the new one not yet in place), `dir.old` is renamed back to `dir`; when both
+/// exist (the new one in place, the old one not yet deleted), `dir.old` is deleted. Returns whether
+/// a directory was restored.
+pub fn recover_dir(dir: &Path) -> Result<bool> {
+    let old = sibling(dir, ".old");
+    if !old.exists() {
+        return Ok(false);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        return Ok(false);
+    }
+    std::fs::rename(&old, dir).map_err(|e| Error::io(dir, e))?;
+    sync_parent(dir);
+    Ok(true)
+}
+
+/// Exchanges two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); `false` where the system or
+/// the file system cannot.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(a), Ok(b)) =
+        (std::ffi::CString::new(a.as_os_str().as_bytes()), std::ffi::CString::new(b.as_os_str().as_bytes()))
+    else {
+        return false;
+    };
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call; the syscall only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> bool {
+    false
+}
+
+/// Puts the complete directory `new` in the place of `dir` (created or replaced) so that a crash at
+/// any point leaves either the old or the new directory there, never none: on Linux the two are
+/// exchanged atomically (`renameat2(RENAME_EXCHANGE)`) and the old one, now at `new`, is deleted;
+/// elsewhere (or where the file system cannot exchange) the old one is renamed to `dir.old`, `new`
+/// to `dir`, then `dir.old` is deleted, and [`recover_dir`] (run first here, and at the start of a
+/// run) puts `dir.old` back if a crash came between the two renames.
+pub fn replace_dir(new: &Path, dir: &Path) -> Result<()> {
+    recover_dir(dir)?;
+    if !dir.exists() {
+        std::fs::rename(new, dir).map_err(|e| Error::io(dir, e))?;
+        sync_parent(dir);
+        return Ok(());
+    }
+    if exchange(new, dir) {
+        sync_parent(dir);
+        return std::fs::remove_dir_all(new).map_err(|e| Error::io(new, e));
+    }
+    replace_by_renames(new, dir)
+}
+
+/// [`replace_dir`] without the atomic exchange: `dir` -> `dir.old`, `new` -> `dir`, delete `dir.old`.
+fn replace_by_renames(new: &Path, dir: &Path) -> Result<()> {
+    let old = sibling(dir, ".old");
+    std::fs::rename(dir, &old).map_err(|e| Error::io(&old, e))?;
+    std::fs::rename(new, dir).map_err(|e| Error::io(dir, e))?;
+    sync_parent(dir);
+    std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +246,91 @@ mod tests {
         assert_eq!(latest.state["data"]["offset"], 60);
         assert_eq!(latest.trainable["a"].to_vec1::<f32>().unwrap(), vec![20.0, 2.0]);
         assert!(!partial.exists());
+    }
+
+    fn write_dir(dir: &Path, content: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), content).unwrap();
+    }
+
+    fn content(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn replace_dir_creates_then_replaces_leaving_nothing_behind() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("adapter");
+        let tmp = sibling(&dir, ".tmp");
+        write_dir(&tmp, "first");
+        replace_dir(&tmp, &dir).unwrap();
+        assert_eq!(content(&dir), "first");
+        write_dir(&tmp, "second");
+        std::fs::write(dir.join("stale-file"), "x").unwrap();
+        replace_dir(&tmp, &dir).unwrap();
+        assert_eq!(content(&dir), "second");
+        assert!(!dir.join("stale-file").exists(), "the old directory is replaced, not merged");
+        assert_eq!(names(root.path()), vec!["adapter"]);
+    }
+
+    #[test]
+    fn a_crash_between_the_renames_is_recovered() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("adapter-best");
+        // What a crash after `dir -> dir.old` and before `dir.tmp -> dir` leaves.
+        write_dir(&sibling(&dir, ".old"), "old");
+        write_dir(&sibling(&dir, ".tmp"), "half-written");
+        assert!(recover_dir(&dir).unwrap());
+        assert_eq!(content(&dir), "old");
+        assert!(!sibling(&dir, ".old").exists());
+        // The next save also starts by recovering, and then replaces.
+        std::fs::rename(&dir, sibling(&dir, ".old")).unwrap();
+        let tmp = sibling(&dir, ".tmp");
+        std::fs::remove_dir_all(&tmp).unwrap();
+        write_dir(&tmp, "new");
+        replace_dir(&tmp, &dir).unwrap();
+        assert_eq!(content(&dir), "new");
+        assert_eq!(names(root.path()), vec!["adapter-best"]);
+        // A crash after the new directory was in place but before the old one was deleted.
+        write_dir(&sibling(&dir, ".old"), "old");
+        assert!(!recover_dir(&dir).unwrap());
+        assert_eq!(content(&dir), "new");
+        assert_eq!(names(root.path()), vec!["adapter-best"]);
+    }
+
+    #[test]
+    fn the_rename_fallback_replaces_too() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("adapter");
+        write_dir(&dir, "old");
+        let tmp = sibling(&dir, ".tmp");
+        write_dir(&tmp, "new");
+        replace_by_renames(&tmp, &dir).unwrap();
+        assert_eq!(content(&dir), "new");
+        assert_eq!(names(root.path()), vec!["adapter"]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn exchange_swaps_two_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join("a"), root.path().join("b"));
+        write_dir(&a, "A");
+        write_dir(&b, "B");
+        assert!(exchange(&a, &b), "renameat2(RENAME_EXCHANGE) is unavailable here");
+        assert_eq!((content(&a), content(&b)), ("B".to_string(), "A".to_string()));
+        assert!(!exchange(&a, &root.path().join("missing")));
+    }
+
+    #[test]
+    fn sibling_appends_to_the_name() {
+        assert_eq!(sibling(Path::new("runs/x/adapter.v2"), ".old"), PathBuf::from("runs/x/adapter.v2.old"));
     }
 }

@@ -6,7 +6,7 @@
 //! modes compute the same gradients.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 use super::aux_loss::{valid_row_index, RoutingStats};
 use super::loss::{labelled_nll_sum, ShiftedTargets};
@@ -85,25 +85,10 @@ pub fn forward_backward(
 }
 
 /// Estimated bytes of the activations one decoder layer keeps for its backward, for `tokens` tokens
-/// (f32; attention inputs, projections, rotated q/k, outputs and residuals; the feed-forward's inputs,
-/// gate, up and product; per visited expert with MoE), with a 25% margin.
+/// computed in f32 (what the CPU computes in, whatever the storage dtype; see
+/// [`super::memory::layer_activation_bytes`]).
 pub fn layer_activation_bytes(config: &crate::model::ModelConfig, tokens: usize) -> u64 {
-    let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
-    let kv = (config.num_kv_heads * config.head_dim) as u64;
-    let attention = 8 * h + 3 * kv;
-    let feed_forward = match &config.moe {
-        Some(moe) => moe.experts_per_token as u64 * (3 * h + 3 * i) + 2 * h,
-        None => 3 * h + 3 * i,
-    };
-    (attention + feed_forward) * 4 * tokens as u64 * 5 / 4
-}
-
-/// The activation budget of a checkpointed step when the recipe sets none: a quarter of the memory
-/// available now (`MemAvailable`, read once when training starts), so that layers whose activations
-/// fit are not recomputed, while the rest of the machine keeps three quarters of what was free; 0
-/// (recompute every layer) where the OS does not say.
-pub fn default_activation_budget() -> u64 {
-    crate::system::available_memory_bytes().map_or(0, |bytes| bytes / 4)
+    super::memory::layer_activation_bytes(config, tokens, DType::F32)
 }
 
 /// How many of the last layers keep their activations (are not recomputed) within `budget` bytes.
@@ -171,7 +156,7 @@ pub fn forward_backward_keeping(
         }
         let stats = stats_of(&router_logits)?;
         let hv = Var::from_tensor(&h)?;
-        let hidden = model.norm.forward(hv.as_tensor())?;
+        let hidden = model.final_norm(hv.as_tensor())?;
         let mut nll_sum = 0.0;
         // The gradient flowing into the current layer's output; `None` while it is zero.
         let mut g = match labelled_nll_sum(model, &hidden, &targets)? {
@@ -201,8 +186,9 @@ pub fn forward_backward_keeping(
                     (xin, out)
                 }
             };
+            // In f32 whatever the residual stream's dtype, so the aux term (f32) can be added to it.
             let mut objective = match &g {
-                Some(g) => Some((out.hidden * g)?.sum_all()?),
+                Some(g) => Some((out.hidden.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?.sum_all()?),
                 None => None,
             };
             if let (Some(stats), Some(logits)) = (&stats, &out.router_logits) {

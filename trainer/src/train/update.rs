@@ -29,10 +29,24 @@ pub struct StepSettings {
     pub activation_budget: Option<u64>,
 }
 
+/// Progress within an optimizer step, passed to [`optimizer_step`]'s callback after each
+/// micro-batch's forward/backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepProgress {
+    /// Micro-batches of this step done so far (1 after the first).
+    pub done: usize,
+    /// Micro-batches in the step.
+    pub of: usize,
+    /// Tokens processed (valid input tokens) by the micro-batch just done.
+    pub tokens: usize,
+}
+
 /// What an optimizer step did.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepReport {
-    /// 0-based index of this optimizer step.
+    /// The step's number, counted from 1: the optimizer steps done once this one is (the step
+    /// that [`optimizer_step`] ran as index 0 reports 1). Metrics, checkpoints and evaluations
+    /// use the same count.
     pub step: u64,
     /// The step's loss: `nll / label_tokens + aux_coef * mean aux`.
     pub loss: f64,
@@ -58,9 +72,10 @@ fn labelled_tokens(mb: &MicroBatch, vocab: usize) -> Result<usize> {
     Ok(ShiftedTargets::new(&mb.labels, mb.batch, vocab, mb.documents.as_deref())?.len())
 }
 
-/// Runs optimizer step `step` (0-based; it picks the learning rate) over `micro_batches`. A step
-/// whose loss or gradient is NaN/inf is not applied (`applied: false`), and the optimizer state is
-/// left untouched.
+/// Runs optimizer step `step` (0-based index; it picks the learning rate) over `micro_batches`,
+/// calling `progress` after each micro-batch's forward/backward (pass `&mut |_| {}` to ignore it).
+/// A step whose loss or gradient is NaN/inf is not applied (`applied: false`), and the optimizer
+/// state is left untouched. The report's `step` is `step + 1` (steps done).
 #[allow(clippy::too_many_arguments)]
 pub fn optimizer_step(
     step: u64,
@@ -71,6 +86,7 @@ pub fn optimizer_step(
     micro_batches: &[MicroBatch],
     settings: &StepSettings,
     dropout_seed: u64,
+    progress: &mut dyn FnMut(StepProgress),
 ) -> Result<StepReport> {
     let vocab = model.config.vocab_size;
     let label_tokens: usize = micro_batches.iter().map(|mb| labelled_tokens(mb, vocab)).sum::<Result<usize>>()?;
@@ -84,7 +100,8 @@ pub fn optimizer_step(
         let keep = settings.activation_budget.map_or(0, |b| layers_within_budget(&model.config, mb.input_ids.len(), b));
         let out = forward_backward_keeping(model, params, mb, &scaling, settings.checkpointing, keep)?;
         nll += out.nll_sum;
-        tokens += mb.valid.as_ref().map_or(mb.input_ids.len(), |v| v.iter().filter(|x| **x).count());
+        let mb_tokens = mb.valid.as_ref().map_or(mb.input_ids.len(), |v| v.iter().filter(|x| **x).count());
+        tokens += mb_tokens;
         if let Some(a) = out.aux {
             aux_sum += a;
             aux_seen = true;
@@ -98,6 +115,7 @@ pub fn optimizer_step(
             }
         }
         accumulate(&mut grads, out.grads)?;
+        progress(StepProgress { done: i + 1, of: micro_batches.len(), tokens: mb_tokens });
     }
     params.dropout.eval();
     let n = micro_batches.len().max(1) as f64;
@@ -111,5 +129,5 @@ pub fn optimizer_step(
         let vars: Vec<&Var> = params.named.iter().map(|(_, v)| v).collect();
         optimizer.step(&vars, &grads, lr)?;
     }
-    Ok(StepReport { step, loss, ce, aux, label_tokens, tokens, grad_norm, lr, expert_load, applied })
+    Ok(StepReport { step: step + 1, loss, ce, aux, label_tokens, tokens, grad_norm, lr, expert_load, applied })
 }

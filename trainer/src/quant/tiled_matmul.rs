@@ -1,6 +1,7 @@
-//! Matrix products with an NF4 weight, tile by tile: `y = x W^T` (forward) and `dx = g W` (input
-//! gradient). The weight is dequantized a block of rows at a time into a scratch tile (in parallel) and
-//! multiplied with [`frozen_gemm`] (f32 or bf16 operands) straight into the destination, so no f32 copy of the whole weight ever exists.
+//! Matrix products with a weight stored more compactly than f32 (NF4, or bf16/f16), tile by tile:
+//! `y = x W^T` (forward) and `dx = g W` (input gradient). The weight is expanded to f32 a block of rows
+//! at a time into a scratch tile and multiplied with [`frozen_gemm`] (f32 or bf16 operands) straight
+//! into the destination, so no f32 copy of the whole weight ever exists.
 //!
 //! This file is the whole CPU path. [`Nf4MatMul`] is a candle `CustomOp1` so that a GPU kernel can be
 //! added as its `cuda_fwd` without touching the frozen-linear logic.
@@ -9,7 +10,84 @@ use super::nf4::Nf4Weight;
 use crate::kernels::{frozen_gemm, MatRef};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use half::{bf16, f16};
+use std::ops::Range;
 use std::sync::Arc;
+
+/// A `[rows, cols]` weight that can write any block of its rows as f32.
+pub trait WeightRows: Sync {
+    /// Rows (output features).
+    fn rows(&self) -> usize;
+    /// Columns (input features).
+    fn cols(&self) -> usize;
+    /// Writes rows `range` as f32 into `out` (`range.len() * cols` values).
+    fn rows_f32(&self, range: Range<usize>, out: &mut [f32]) -> crate::Result<()>;
+}
+
+impl WeightRows for Nf4Weight {
+    fn rows(&self) -> usize {
+        Nf4Weight::rows(self)
+    }
+    fn cols(&self) -> usize {
+        Nf4Weight::cols(self)
+    }
+    fn rows_f32(&self, range: Range<usize>, out: &mut [f32]) -> crate::Result<()> {
+        self.dequantize_rows(range, out)
+    }
+}
+
+/// A row-major 16-bit float weight borrowed from a tensor's storage.
+#[derive(Debug, Clone, Copy)]
+pub enum HalfRows<'a> {
+    /// bfloat16 values.
+    Bf16 {
+        /// `rows * cols` values, row-major.
+        data: &'a [bf16],
+        /// Columns.
+        cols: usize,
+    },
+    /// IEEE half values.
+    F16 {
+        /// `rows * cols` values, row-major.
+        data: &'a [f16],
+        /// Columns.
+        cols: usize,
+    },
+}
+
+impl WeightRows for HalfRows<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            HalfRows::Bf16 { data, cols } => data.len() / (*cols).max(1),
+            HalfRows::F16 { data, cols } => data.len() / (*cols).max(1),
+        }
+    }
+    fn cols(&self) -> usize {
+        match self {
+            HalfRows::Bf16 { cols, .. } | HalfRows::F16 { cols, .. } => *cols,
+        }
+    }
+    fn rows_f32(&self, range: Range<usize>, out: &mut [f32]) -> crate::Result<()> {
+        let cols = self.cols();
+        if range.end > self.rows() || out.len() != range.len() * cols {
+            return Err(crate::Error::Invalid(format!(
+                "16-bit weight: rows {range:?} of {} into {} values",
+                self.rows(),
+                out.len()
+            )));
+        }
+        let first = range.start * cols;
+        match self {
+            HalfRows::Bf16 { data, .. } => crate::kernels::parallel::for_rows_mut(out, cols, |i, o| {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&data[first + i * cols..][..cols], o)
+            }),
+            HalfRows::F16 { data, .. } => crate::kernels::parallel::for_rows_mut(out, cols, |i, o| {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&data[first + i * cols..][..cols], o)
+            }),
+        }
+        Ok(())
+    }
+}
 
 /// Scratch floats per dequantized tile (64 MiB): 4096 rows of a 4096-column weight, so that packing the
 /// input once per tile is small next to the tile's product.
@@ -25,14 +103,14 @@ pub enum Nf4Product {
 }
 
 /// Rows per tile for a weight with `cols` columns.
-fn tile_rows(w: &Nf4Weight) -> usize {
+fn tile_rows(w: &impl WeightRows) -> usize {
     (TILE_FLOATS / w.cols()).clamp(1, w.rows())
 }
 
-/// Dequantizes `w` `tile` rows at a time into one scratch buffer and hands each tile
+/// Expands `w` to f32 `tile` rows at a time into one scratch buffer and hands each tile
 /// `(first row, end row, values [rows, cols])` to `f`: no full f32 copy of the weight exists at once.
 fn for_each_tile(
-    w: &Nf4Weight,
+    w: &impl WeightRows,
     tile: usize,
     mut f: impl FnMut(usize, usize, &[f32]) -> crate::Result<()>,
 ) -> crate::Result<()> {
@@ -46,7 +124,7 @@ fn for_each_tile(
     let result = (0..rows).step_by(tile).try_for_each(|r0| {
         let r1 = (r0 + tile).min(rows);
         let t = &mut scratch[..(r1 - r0) * cols];
-        w.dequantize_rows(r0..r1, t)?;
+        w.rows_f32(r0..r1, t)?;
         f(r0, r1, t)
     });
     SCRATCH.with(|s| *s.borrow_mut() = scratch);
@@ -59,16 +137,16 @@ thread_local! {
 }
 
 /// `y [m, rows] = x [m, cols] W^T`, all row-major. Errors when the slices do not match the sizes.
-pub fn forward_cpu(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32]) -> crate::Result<()> {
+pub fn forward_cpu(w: &impl WeightRows, x: &[f32], m: usize, y: &mut [f32]) -> crate::Result<()> {
     forward_tiled(w, x, m, y, tile_rows(w))
 }
 
 /// [`forward_cpu`] with `tile` weight rows per dequantized tile.
-fn forward_tiled(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32], tile: usize) -> crate::Result<()> {
+fn forward_tiled(w: &impl WeightRows, x: &[f32], m: usize, y: &mut [f32], tile: usize) -> crate::Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
     if x.len() != m * cols || y.len() != m * rows {
         return Err(crate::Error::Invalid(format!(
-            "NF4 forward: x has {} values and y {} for m={m}, weight [{rows}, {cols}]",
+            "tiled forward: x has {} values and y {} for m={m}, weight [{rows}, {cols}]",
             x.len(),
             y.len()
         )));
@@ -84,16 +162,16 @@ fn forward_tiled(w: &Nf4Weight, x: &[f32], m: usize, y: &mut [f32], tile: usize)
 }
 
 /// `dx [m, cols] = g [m, rows] W`, all row-major: the tiles' products are accumulated into `dx`.
-pub fn input_grad_cpu(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32]) -> crate::Result<()> {
+pub fn input_grad_cpu(w: &impl WeightRows, g: &[f32], m: usize, dx: &mut [f32]) -> crate::Result<()> {
     input_grad_tiled(w, g, m, dx, tile_rows(w))
 }
 
 /// [`input_grad_cpu`] with `tile` weight rows per dequantized tile.
-fn input_grad_tiled(w: &Nf4Weight, g: &[f32], m: usize, dx: &mut [f32], tile: usize) -> crate::Result<()> {
+fn input_grad_tiled(w: &impl WeightRows, g: &[f32], m: usize, dx: &mut [f32], tile: usize) -> crate::Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
     if g.len() != m * rows || dx.len() != m * cols {
         return Err(crate::Error::Invalid(format!(
-            "NF4 input gradient: g has {} values and dx {} for m={m}, weight [{rows}, {cols}]",
+            "tiled input gradient: g has {} values and dx {} for m={m}, weight [{rows}, {cols}]",
             g.len(),
             dx.len()
         )));
@@ -155,8 +233,8 @@ impl CustomOp1 for Nf4MatMul {
         let mut out =
             if w.rows() > 0 && w.cols() > 0 { crate::kernels::storage::output_f32(m * n) } else { vec![0f32; m * n] };
         let result = match self.product {
-            Nf4Product::Forward => forward_cpu(w, x, m, &mut out),
-            Nf4Product::InputGrad => input_grad_cpu(w, x, m, &mut out),
+            Nf4Product::Forward => forward_cpu(&**w, x, m, &mut out),
+            Nf4Product::InputGrad => input_grad_cpu(&**w, x, m, &mut out),
         };
         result.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let mut out_dims = dims.to_vec();
