@@ -24,7 +24,7 @@ use trainer::kernels::{bf16_gemm, sgemm, MatRef};
 use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
 use trainer::model::synthetic::{write_random_checkpoint, StoredDtype};
 use trainer::model::{load_model, LoadOptions, ModelConfig, Nf4Options};
-use trainer::system::{available_memory_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes};
+use trainer::system::{memory_available_to_process, peak_rss_bytes, reset_peak_rss, rss_bytes};
 use trainer::train::{forward_backward_keeping, LossScaling, MicroBatch, StepShape};
 
 fn config(shape: &str, layers: Option<usize>) -> ModelConfig {
@@ -123,14 +123,7 @@ fn measure(dir: &Path, shape: &str, c: &ModelConfig, dtype: DType, tokens: usize
         ..LoraSettings::default()
     };
     let params = attach_lora(&mut model, &LoraPlan::new(settings).expect("plan"), &LoraInit::Seed(0)).expect("lora");
-    let step_shape = StepShape {
-        config: c,
-        tokens,
-        storage: model.dtype,
-        compute: model.compute_dtype(),
-        trainable_parameters: params.count(),
-        checkpointing: true,
-    };
+    let step_shape = StepShape::for_model(&model, tokens, params.count(), true);
     let ids: Vec<u32> = (0..tokens as u32).map(|i| 3 + (i * 7919) % (c.vocab_size as u32 - 3)).collect();
     let mb = MicroBatch {
         batch: 1,
@@ -142,7 +135,7 @@ fn measure(dir: &Path, shape: &str, c: &ModelConfig, dtype: DType, tokens: usize
         valid: None,
     };
     let scaling = LossScaling { label_tokens: tokens - 1, aux_coef: 0.02, aux_weight: 1.0 };
-    let available = available_memory_bytes().unwrap_or(0);
+    let available = memory_available_to_process().map_or(0, |a| a.bytes);
     let default_kept = step_shape.layers_within(step_shape.default_budget(available));
     println!(
         "{shape} {} {tokens} tokens: loaded NF4 in {load_secs:.1}s, RSS {:.2} GiB; {} LoRA parameters; {:.2} GiB \

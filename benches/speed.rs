@@ -456,9 +456,7 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
     use trainer::kernels::MatmulPrecision;
     use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
     use trainer::model::Nf4Options;
-    use trainer::train::{
-        layers_within_budget, optimizer_step, AdamW, AdamWConfig, MicroBatch, Schedule, ScheduleKind, StepSettings,
-    };
+    use trainer::train::{optimizer_step, AdamW, AdamWConfig, MicroBatch, Schedule, ScheduleKind, StepSettings};
     let mut rows = Vec::new();
     for moe in [false, true] {
         if only.is_some_and(|o| o / PER_MODEL != usize::from(moe)) {
@@ -517,7 +515,9 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
                     min_lr_ratio: 0.0,
                 };
                 let settings = StepSettings { aux_coef: 0.02, max_grad_norm: 1.0, checkpointing, activation_budget };
-                let kept = activation_budget.map_or(0, |budget| layers_within_budget(&config, b * t, budget));
+                let kept = activation_budget.map_or(0, |budget| {
+                    trainer::train::StepShape::for_model(&model, b * t, 0, true).layers_within(budget)
+                });
                 let ids: Vec<u32> = (0..(b * t) as u32).map(|i| 3 + (i * 7919) % 31000).collect();
                 let mb = MicroBatch {
                     batch: b,

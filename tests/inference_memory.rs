@@ -1,11 +1,13 @@
 //! The memory check before loading: under a real address-space limit (`ulimit -v`, RLIMIT_AS), a model that does
 //! not fit makes `generate`, `eval`, `chat`, `serve` and `merge` exit with a message naming what is needed, what is
 //! available and the flag that would fit; never Rust's `memory allocation of N bytes failed` abort. The flag it
-//! suggests does fit under the same limit.
+//! suggests does fit under the same limit. `serve` sizes the context so that `--max-batch-size` sequences fit.
 //!
 //! The model is tiny in files but not in memory: a Mistral of ~119M parameters whose safetensors data is a sparse
 //! file of zeros (no disk blocks), declared float32 and stored in bf16. In f32 it needs ~0.5 GiB, in bf16 ~0.3 GiB,
 //! with NF4 decoder weights ~0.2 GiB; the binary itself starts in ~30 MiB of address space, measured first.
+// Linux only: it reads /proc and limits the binary with `ulimit -v`.
+#![cfg(target_os = "linux")]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -179,7 +181,7 @@ fn commands(s: &Setup) -> Vec<(&'static str, Vec<String>)> {
         ("generate", m(&["generate", "--model", "MODEL", "--prompt-ids", "1,2,3", "--max-new-tokens", "2"])),
         ("eval", m(&["eval", "--model", "MODEL", "--prompt-ids", "1,2,3,4"])),
         ("chat", m(&["chat", "--model", "MODEL"])),
-        ("serve", m(&["serve", "--model", "MODEL", "--port", "0"])),
+        ("serve", m(&["serve", "--model", "MODEL", "--port", "0", "--max-batch-size", "1"])),
         ("generate with an adapter", {
             let mut a = m(&["generate", "--model", "MODEL", "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]);
             a.extend(["--adapter".into(), adapter]);
@@ -226,6 +228,127 @@ fn when_bf16_does_not_fit_nf4_is_suggested_and_then_runs() {
         "",
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // --keep-unquantized reaches the loader's plan: keeping every linear dense is f32 again, which does not fit.
+    let o = under_limit(
+        limit,
+        &[
+            "generate",
+            "--model",
+            model,
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "2",
+            "--quantize",
+            "nf4",
+            "--keep-unquantized",
+            "all",
+        ],
+        "",
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("with NF4 decoder weights") && err.contains("needed"), "{err}");
+}
+
+/// Starts `serve` with `args` under `limit`, stops it once it listens (or lets it exit), and returns its stderr.
+fn serve_stderr(limit: u64, args: &[&str]) -> String {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -v {}; exec \"$0\" \"$@\"", limit / 1024))
+        .arg(env!("CARGO_BIN_EXE_tramontane"))
+        .arg("serve")
+        .args(args)
+        .env("RAYON_NUM_THREADS", THREADS)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first line on stdout is the address, once it listens; none comes when it fails.
+    let mut out = child.stdout.take().unwrap();
+    let mut byte = [0u8; 1];
+    while std::io::Read::read(&mut out, &mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {}
+    let _ = child.kill();
+    String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr).into_owned()
+}
+
+#[test]
+fn serve_sizes_the_context_so_that_max_batch_size_sequences_fit() {
+    let s = setup();
+    // The model allows 8192 tokens (the weights do not depend on it): memory limits the context, not the model.
+    let config_path = s.model.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["max_position_embeddings"] = 8192.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let model = s.model.to_str().unwrap();
+    // bf16 weights take ~0.29 GiB; each sequence's KV cache 32 KiB per token (f32), so the default 64 sequences
+    // need 1 GiB even at the least context (512 tokens): refused, with a batch size that fits.
+    let limit = s.startup + 600 * MIB;
+    let o = under_limit(limit, &["serve", "--model", model, "--port", "0", "--dtype", "bf16"], "");
+    assert_refused(&o, "pass --max-batch-size", "serve with 64 sequences");
+    assert!(stderr(&o).contains("in each of 64 sequences at once"), "{}", stderr(&o));
+    // With fewer sequences it starts, with as much context per sequence as they leave: less for more of them.
+    let context = |batch: &str| -> (usize, String) {
+        let err = serve_stderr(limit, &["--model", model, "--port", "0", "--dtype", "bf16", "--max-batch-size", batch]);
+        assert!(err.contains("memory, not the model, limits the context to"), "{batch}: {err}");
+        let tokens = err.split("limits the context to ").nth(1).and_then(|r| r.split(' ').next());
+        (tokens.and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("{batch}: {err}")), err)
+    };
+    let ((one, _), (four, err)) = (context("1"), context("4"));
+    assert!((512..one).contains(&four) && one < 8192, "1 sequence: {one} tokens, 4 sequences: {four}");
+    assert!(err.contains("tokens per sequence, for 4 sequences at once (--max-batch-size 4)"), "{err}");
+}
+
+/// The tensors of a safetensors file (all f32) as bits, by name.
+fn read_bits(path: &Path) -> std::collections::HashMap<String, Vec<u32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            (name, view.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn merge_with_keep_unquantized_leaves_those_linears_as_the_base_has_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures("models/tiny-mistral");
+    // A zero-weighted adapter: what is written is the base as the merge saw it.
+    let adapter = format!("{}:0", fixtures("adapters/peft-mistral").display());
+    let merge = |out: &Path, flags: &[&str]| {
+        let mut args = vec!["merge", "--model", model.to_str().unwrap(), "--adapter", &adapter];
+        args.extend(["--out", out.to_str().unwrap(), "--dtype", "f32", "--quantize", "nf4"]);
+        args.extend(flags);
+        Command::new(env!("CARGO_BIN_EXE_tramontane")).args(&args).output().unwrap()
+    };
+    let out = tmp.path().join("kept");
+    let o = merge(&out, &["--keep-unquantized", "attention,down"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (merged, base) = (read_bits(&out.join("model.safetensors")), read_bits(&model.join("model.safetensors")));
+    let (mut kept, mut rounded) = (0, 0);
+    for (name, bits) in &base {
+        let module = name.trim_end_matches(".weight").rsplit('.').next().unwrap();
+        if module.ends_with("_proj") && !["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"].contains(&module) {
+            rounded += 1;
+            assert_ne!(&merged[name], bits, "{name}: NF4 rounding changes the weight");
+        } else {
+            kept += usize::from(module.ends_with("_proj"));
+            assert_eq!(&merged[name], bits, "{name}: kept bit for bit");
+        }
+    }
+    assert_eq!((kept, rounded), (2 * 5, 2 * 2), "attention and down_proj kept, gate and up rounded, 2 layers");
+    // Only with --quantize, and only the recipe's names.
+    let o = merge(&tmp.path().join("typo"), &["--keep-unquantized", "atention"]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown layer `atention`"), "{}", stderr(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_tramontane"))
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt-ids", "1", "--keep-unquantized", "q"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("--quantize"), "{}", stderr(&o));
 }
 
 #[test]

@@ -102,12 +102,51 @@ fn a_log_gets_progress_lines_at_logging_every_steps_with_an_eta() {
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("step ")).collect();
     let steps: Vec<&str> = lines.iter().map(|l| l.split(' ').nth(1).unwrap_or("")).collect();
     assert_eq!(steps, ["2/4", "4/4"], "{err}");
+    let eta_of =
+        |line: &str| -> String { line.rsplit_once("| eta ").unwrap_or_else(|| panic!("no ETA: {line}")).1.to_string() };
     for line in &lines {
-        assert!(line.contains("| eta ") || line.contains("estimating"), "{line}");
+        let eta = eta_of(line);
+        assert!(eta == "estimating" || duration_secs(&eta).is_some(), "ETA `{eta}` in: {line}");
         assert!(line.contains("loss ") && line.contains("lr ") && line.contains("tok/s"), "{line}");
         assert!(line.contains("| elapsed "), "{line}");
     }
+    // After the last step the ETA is measured, and nothing remains.
+    let last = lines.last().unwrap();
+    assert_eq!(duration_secs(&eta_of(last)), Some(0), "{last}");
     assert!(!err.contains("Some(") && !err.contains("None"), "{err}");
+}
+
+/// The seconds of a duration as the progress reporter prints it (`12s`, `4m05s`, `3h07m`); `None`
+/// for anything else.
+fn duration_secs(text: &str) -> Option<u64> {
+    let number = |d: &str| -> Option<u64> {
+        if d.is_empty() || !d.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        d.parse().ok()
+    };
+    // The part after the larger unit: exactly two digits, below 60.
+    let part = |d: &str| number(d).filter(|&n| d.len() == 2 && n < 60);
+    if let Some(rest) = text.strip_suffix('s') {
+        match rest.split_once('m') {
+            Some((m, s)) => Some(number(m).filter(|&m| m > 0 && m < 60)? * 60 + part(s)?),
+            None => number(rest).filter(|&s| s < 60),
+        }
+    } else {
+        let (h, m) = text.strip_suffix('m')?.split_once('h')?;
+        Some(number(h).filter(|&h| h > 0)? * 3600 + part(m)? * 60)
+    }
+}
+
+#[test]
+fn durations_parse_as_the_reporter_prints_them() {
+    assert_eq!(duration_secs("0s"), Some(0));
+    assert_eq!(duration_secs("59s"), Some(59));
+    assert_eq!(duration_secs("4m05s"), Some(245));
+    assert_eq!(duration_secs("3h07m"), Some(3 * 3600 + 7 * 60));
+    for bad in ["", "s", "60s", "4m5s", "4m", "h07m", "3h7m", "estimating", "1.5s", "-1s", "12"] {
+        assert_eq!(duration_secs(bad), None, "{bad}");
+    }
 }
 
 /// Rust debug text that must not reach a person.

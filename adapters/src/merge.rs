@@ -184,13 +184,13 @@ fn dtype_name(d: Dtype) -> &'static str {
     }
 }
 
-/// Parses `f32`, `bf16` or `f16` (and the torch spellings) into an output dtype.
-pub fn parse_dtype(s: &str) -> Result<Dtype> {
-    match s {
-        "f32" | "float32" => Ok(Dtype::F32),
-        "bf16" | "bfloat16" => Ok(Dtype::BF16),
-        "f16" | "float16" => Ok(Dtype::F16),
-        other => Err(Error::Invalid(format!("unknown dtype `{other}`: expected f32, bf16 or f16"))),
+/// The output dtype of a merge in `dtype` (f32, bf16 or f16; parse a name with the binary's `--dtype` parser).
+pub fn output_dtype(dtype: candle_core::DType) -> Result<Dtype> {
+    match dtype {
+        candle_core::DType::F32 => Ok(Dtype::F32),
+        candle_core::DType::BF16 => Ok(Dtype::BF16),
+        candle_core::DType::F16 => Ok(Dtype::F16),
+        other => Err(Error::Invalid(format!("cannot merge into {other:?}: expected f32, bf16 or f16"))),
     }
 }
 

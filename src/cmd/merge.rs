@@ -11,7 +11,7 @@ use trainer::model::memory::{estimate_merge, format_bytes, MergePlan};
 use trainer::model::{Checkpoint, ModelConfig};
 use trainer::quant::Nf4Weight;
 
-use super::model_args::{adapter_bytes, dtype_name, parse_dtype, Quantize};
+use super::model_args::{adapter_bytes, dtype_name, keep_dense_modules, parse_dtype, Quantize};
 
 const LONG_ABOUT: &str = "Merge one or more LoRA adapters into their base model and write a complete Hugging Face \
 model directory (sharded safetensors with an index, config.json, tokenizer files, generation_config.json) in the \
@@ -30,9 +30,10 @@ what fine-tuning gained. To serve in 4 bits, keep the NF4 base and load the adap
 quantizes once, with finer blocks.
 
 A dense base whose adapter was trained with QLoRA (`quantization.method = \"nf4\"` on a bf16/f32 checkpoint): pass \
---quantize nf4 (and --double-quant as training did) to merge into the base's NF4-rounded weights, the ones the \
-adapter was trained against, exactly as training quantized them; without it the update is added to the \
-unrounded weights.
+--quantize nf4 to merge into the base's NF4-rounded weights, the ones the adapter was trained against, with the \
+recipe's `quantization.double_quant` as --double-quant and its `quantization.keep_unquantized` as \
+--keep-unquantized: only then are they rounded exactly as training rounded them. Without --quantize the update is \
+added to the unrounded weights.
 
 Before anything is written, the memory the merge holds at once (one output shard, one tensor's buffers, the \
 adapters, and for --gguf its largest tensor) is compared with what this process can allocate; when it does not \
@@ -56,13 +57,19 @@ pub struct MergeArgs {
     /// Output dtype: f32, bf16 or f16 [default: the base's own: config.json's torch_dtype, else its tensors'].
     #[arg(long, value_name = "DTYPE")]
     dtype: Option<String>,
-    /// Round the base's decoder linears through NF4 before adding the update, as QLoRA training quantized them
-    /// (weights stored in NF4 are dequantized in any case).
+    /// Round the base's decoder linears (all of them but --keep-unquantized) through NF4 before adding the
+    /// update, as QLoRA training quantized them (weights stored in NF4 are dequantized in any case).
     #[arg(long, value_name = "METHOD")]
     quantize: Option<Quantize>,
     /// With --quantize nf4: double quantization of the block scales, as training's `quantization.double_quant`.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     double_quant: bool,
+    /// With --quantize nf4: decoder linears left unrounded, named as the recipe's
+    /// `quantization.keep_unquantized` names them (q, k, v, o, gate, up, down, w1, w2, w3, attention, mlp,
+    /// experts, all). It must match the recipe's `keep_unquantized` for the merge to use the weights the
+    /// adapter was trained against.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',', requires = "quantize")]
+    keep_unquantized: Vec<String>,
     /// Skip the memory check before merging.
     #[arg(long)]
     no_memory_check: bool,
@@ -110,14 +117,16 @@ pub fn run(args: MergeArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => dtype_name(checkpoint_dtype(&config, &ckpt)).to_string(),
     };
-    let dtype = adapters::merge::parse_dtype(&dtype_name).map_err(from_adapters_error)?;
+    let out_dtype = parse_dtype(&dtype_name)?;
+    let dtype = adapters::merge::output_dtype(out_dtype).map_err(from_adapters_error)?;
+    let keep_dense = keep_dense_modules(&args.keep_unquantized)?;
     let gguf = args.gguf.as_deref().map(adapters::gguf::GgufType::parse).transpose().map_err(from_adapters_error)?;
     let max_shard_bytes = parse_size(&args.max_shard_size)?;
     if !args.no_memory_check {
         let dirs: Vec<PathBuf> = args.adapters.iter().map(PathBuf::from).collect();
         let stored = ckpt.tensors().map(|(_, i)| i.dtype.size() as u64).max().unwrap_or(4);
         let plan = MergePlan {
-            out_bytes_per_param: parse_dtype(&dtype_name)?.size_in_bytes() as u64,
+            out_bytes_per_param: out_dtype.size_in_bytes() as u64,
             max_shard_bytes: max_shard_bytes as u64,
             stored_bytes_per_param: stored,
             largest_tensor: (config.vocab_size.max(config.intermediate_size) * config.hidden_size) as u64,
@@ -145,7 +154,12 @@ pub fn run(args: MergeArgs) -> Result<()> {
     };
     let report = match args.quantize {
         Some(Quantize::Nf4) => {
-            let rounded = Nf4RoundTrip { base, double_quant: args.double_quant };
+            let rounded = Nf4RoundTrip {
+                base,
+                double_quant: args.double_quant,
+                keep_dense,
+                expert_matrix: config.intermediate_size * config.hidden_size,
+            };
             adapters::merge::merge(&rounded, &req)
         }
         None => adapters::merge::merge(&base, &req),
@@ -208,34 +222,83 @@ fn check_merge_memory(args: &MergeArgs, config: &ModelConfig, plan: &MergePlan) 
 }
 
 /// The base as QLoRA training saw it: every decoder linear (attention, MLP, each expert, each expert's slice of
-/// a fused tensor) quantized to NF4 and dequantized again, exactly as the loader quantizes it for training;
-/// weights stored in NF4 are dequantized as they are.
+/// a fused tensor) but those `keep_dense` names quantized to NF4 and dequantized again, as the loader quantizes
+/// it for training; weights stored in NF4 are dequantized as they are.
 struct Nf4RoundTrip {
     base: CheckpointWeights,
     double_quant: bool,
+    /// Decoder linears left as they are, by module name (`q_proj`, ..., `w3`), as [`keep_dense_modules`] gives.
+    keep_dense: Vec<String>,
+    /// Elements of one expert's w1 (or w3) in a fused `mlp.experts.gate_up_proj` `[E, 2I, H]`: `I * H`.
+    expert_matrix: usize,
 }
 
 /// Module names of the decoder linears (what training quantizes).
 const DECODER_LINEARS: [&str; 10] =
     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"];
 
+/// Suffix of the fused expert tensor holding each expert's w1 then w3 rows (transformers 5).
+const FUSED_GATE_UP: &str = ".mlp.experts.gate_up_proj";
+/// Suffix of the fused expert tensor holding each expert's w2.
+const FUSED_DOWN: &str = ".mlp.experts.down_proj";
+
 impl Nf4RoundTrip {
-    /// Whether the weight `name` is a decoder linear or a fused expert tensor (read by slices).
-    fn is_decoder_linear(name: &str) -> bool {
+    /// The decoder linear module the weight `name` is (`w2` for a fused down projection; a fused gate/up
+    /// tensor is `w1` and `w3` by turns, see [`Nf4RoundTrip::rounded`]), or `None` for any other weight.
+    fn decoder_module(name: &str) -> Option<&'static str> {
         if !name.starts_with("model.layers.") {
-            return false;
+            return None;
         }
-        if name.ends_with(".mlp.experts.gate_up_proj") || name.ends_with(".mlp.experts.down_proj") {
-            return true;
+        if name.ends_with(FUSED_GATE_UP) {
+            return Some("w1");
         }
-        name.strip_suffix(".weight")
-            .and_then(|n| n.rsplit('.').next())
-            .is_some_and(|module| DECODER_LINEARS.contains(&module))
+        if name.ends_with(FUSED_DOWN) {
+            return Some("w2");
+        }
+        let module = name.strip_suffix(".weight").and_then(|n| n.rsplit('.').next())?;
+        DECODER_LINEARS.iter().find(|&&m| m == module).copied()
+    }
+
+    /// Whether the weight `name` is a decoder linear or a fused expert tensor (read by slices).
+    #[cfg(test)]
+    fn is_decoder_linear(name: &str) -> bool {
+        Self::decoder_module(name).is_some()
+    }
+
+    /// Whether training quantized the module (a decoder linear not kept dense).
+    fn quantizes(&self, module: &str) -> bool {
+        !self.keep_dense.iter().any(|k| k == module)
     }
 
     fn round_trip(&self, values: Vec<f32>) -> std::result::Result<Vec<f32>, String> {
         let n = values.len();
         Ok(Nf4Weight::quantize(&values, &[n], self.double_quant).map_err(|e| e.to_string())?.dequantize())
+    }
+
+    /// `values`, elements `first..` of the dense weight `name`, as training saw them: rounded through NF4 where
+    /// it quantized them. A fused gate/up tensor is rounded one expert matrix at a time (as the loader
+    /// quantizes each expert's slice), w1 and w3 by turns.
+    fn rounded(&self, name: &str, first: usize, values: Vec<f32>) -> std::result::Result<Vec<f32>, String> {
+        let Some(module) = Self::decoder_module(name) else { return Ok(values) };
+        if !name.ends_with(FUSED_GATE_UP) || self.expert_matrix == 0 {
+            return if self.quantizes(module) { self.round_trip(values) } else { Ok(values) };
+        }
+        let m = self.expert_matrix;
+        let mut out = Vec::with_capacity(values.len());
+        let (mut pos, mut rest) = (first, values.as_slice());
+        while !rest.is_empty() {
+            let take = (m - pos % m).min(rest.len());
+            let (chunk, tail) = rest.split_at(take);
+            let module = if (pos / m).is_multiple_of(2) { "w1" } else { "w3" };
+            if self.quantizes(module) {
+                out.extend(self.round_trip(chunk.to_vec())?);
+            } else {
+                out.extend_from_slice(chunk);
+            }
+            pos += take;
+            rest = tail;
+        }
+        Ok(out)
     }
 }
 
@@ -246,22 +309,27 @@ impl BaseWeights for Nf4RoundTrip {
 
     fn read_f32(&self, name: &str, shape: &[usize]) -> std::result::Result<Vec<f32>, String> {
         let values = self.base.read_f32(name, shape)?;
-        if Self::is_decoder_linear(name) && !self.base.is_quantized(name) {
-            return self.round_trip(values);
+        if self.base.is_quantized(name) {
+            return Ok(values);
         }
-        Ok(values)
+        self.rounded(name, 0, values)
     }
 
     fn read_range_f32(&self, name: &str, first: usize, count: usize) -> std::result::Result<Vec<f32>, String> {
         let values = self.base.read_range_f32(name, first, count)?;
-        if Self::is_decoder_linear(name) && !self.base.is_quantized(name) {
-            return self.round_trip(values);
+        if self.base.is_quantized(name) {
+            return Ok(values);
         }
-        Ok(values)
+        self.rounded(name, first, values)
     }
 
     fn is_quantized(&self, name: &str) -> bool {
-        self.base.is_quantized(name) || Self::is_decoder_linear(name)
+        let rounded = match Self::decoder_module(name) {
+            Some(_) if name.ends_with(FUSED_GATE_UP) => self.quantizes("w1") || self.quantizes("w3"),
+            Some(module) => self.quantizes(module),
+            None => false,
+        };
+        self.base.is_quantized(name) || rounded
     }
 }
 
@@ -289,5 +357,36 @@ mod tests {
         ] {
             assert!(!Nf4RoundTrip::is_decoder_linear(name), "{name}");
         }
+    }
+
+    #[test]
+    fn kept_linears_are_not_rounded_and_a_fused_tensor_is_rounded_expert_matrix_by_matrix() {
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-mistral");
+        let keep = ["w3".to_string(), "attention".to_string()];
+        let rt = Nf4RoundTrip {
+            base: CheckpointWeights::open(&model).unwrap(),
+            double_quant: true,
+            keep_dense: keep_dense_modules(&keep).unwrap(),
+            expert_matrix: 128,
+        };
+        let values: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let round = |v: &[f32]| rt.round_trip(v.to_vec()).unwrap();
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        assert_eq!(rt.rounded(q, 0, values.clone()).unwrap(), values);
+        let gate = "model.layers.0.mlp.gate_proj.weight";
+        assert_eq!(rt.rounded(gate, 0, values.clone()).unwrap(), round(&values));
+        assert_ne!(round(&values), values);
+        // [w1 of expert 0, w3 of expert 0, w1 of expert 1, w3 of expert 1], 128 values each: w3 is kept.
+        let fused = "model.layers.0.mlp.experts.gate_up_proj";
+        let whole = rt.rounded(fused, 0, values.clone()).unwrap();
+        for (k, chunk) in values.chunks(128).enumerate() {
+            let expected = if k % 2 == 0 { round(chunk) } else { chunk.to_vec() };
+            assert_eq!(whole[k * 128..][..128], expected[..], "matrix {k}");
+        }
+        // A range read (one expert's matrix, as the merge reads them) is rounded as that matrix.
+        assert_eq!(rt.rounded(fused, 128, values[..128].to_vec()).unwrap(), values[..128]);
+        assert_eq!(rt.rounded(fused, 256, values[..128].to_vec()).unwrap(), round(&values[..128]));
+        assert!(rt.is_quantized(fused) && rt.is_quantized(gate));
+        assert!(!rt.is_quantized(q) && !rt.is_quantized("model.layers.0.mlp.experts.3.w3.weight"));
     }
 }

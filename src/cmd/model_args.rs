@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use trainer::model::memory::{
     estimate_inference, format_bytes, largest_fitting_context, WeightPlan, WeightSource, Workload,
 };
@@ -20,16 +20,22 @@ pub struct LoadArgs {
     /// tensors' dtype; f32 for a quantized GGUF file].
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
-    /// Quantize the base's decoder linears (attention, MLP, experts) while loading, exactly as QLoRA training
-    /// does; lm_head, embeddings, norms and routers stay at --dtype. Use it to run an adapter trained with
-    /// `quantization.method = "nf4"` on the weights it was trained against, or to fit a model in ~1/4 of the
-    /// memory.
+    /// Quantize the base's decoder linears (attention, MLP, experts; all of them but --keep-unquantized) while
+    /// loading, as QLoRA training does; lm_head, embeddings, norms and routers stay at --dtype. Use it to run an
+    /// adapter trained with `quantization.method = "nf4"` on the weights it was trained against (with the
+    /// run's --double-quant and --keep-unquantized), or to fit a model in ~1/4 of the memory.
     #[arg(long, value_name = "METHOD")]
     pub quantize: Option<Quantize>,
     /// With --quantize nf4: also quantize the block scales (bitsandbytes' QLoRA default, and the recipes'
     /// `quantization.double_quant`); pass the value training used.
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub double_quant: bool,
+    /// With --quantize nf4: decoder linears kept at --dtype instead of NF4, named as the recipe's
+    /// `quantization.keep_unquantized` names them (q, k, v, o, gate, up, down, w1, w2, w3, attention, mlp,
+    /// experts, all; lm_head and router are always kept). It must match the recipe's `keep_unquantized` for
+    /// the answers to match the run's.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',', requires = "quantize")]
+    pub keep_unquantized: Vec<String>,
     /// Skip the memory check before loading (the estimate of what the command needs against what this process
     /// can allocate). The estimate is an upper bound; without the check a model too large for the machine makes
     /// the command fail with an out-of-memory error while loading or running.
@@ -71,11 +77,20 @@ pub enum ContextNeed {
         /// Rows through lm_head at once.
         logit_rows: usize,
     },
-    /// As much context as fits, from `min` tokens up to the model's maximum (chat and serve, which prefill
-    /// the whole conversation); the command then refuses longer conversations.
+    /// As much context as fits for one sequence, from `min` tokens up to the model's maximum (chat, which
+    /// prefills the whole conversation); the command then refuses longer conversations.
     AsMuchAsFits {
         /// The least context worth starting with (capped at the model's maximum).
         min: usize,
+    },
+    /// As much context per sequence as fits while `sequences` sequences hold a KV cache at once, each able to
+    /// fill it (serve's continuous batching: each prompt is prefilled alone, then one decode step runs a token
+    /// of every sequence). Messages name serve's `--max-batch-size`, and suggest a smaller one when it helps.
+    Batch {
+        /// The least context per sequence worth starting with (capped at the model's maximum).
+        min: usize,
+        /// Sequences held at once (`--max-batch-size`).
+        sequences: usize,
     },
 }
 
@@ -99,7 +114,7 @@ pub struct Loaded {
     pub context: usize,
 }
 
-/// Parses a dtype name.
+/// Parses a dtype name: `f32`, `bf16` or `f16`, or the torch spellings (`float32`, ...).
 pub fn parse_dtype(name: &str) -> Result<DType> {
     Ok(match name {
         "f32" | "float32" => DType::F32,
@@ -107,6 +122,29 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
         "f16" | "float16" => DType::F16,
         other => bail!("unknown dtype `{other}`: expected f32, bf16 or f16"),
     })
+}
+
+/// The decoder linears `--keep-unquantized` names (`q`, ..., `w3`, `attention`, `mlp`, `experts`, `all`, or the
+/// module names; `lm_head` and `router`, never quantized, add nothing), as the module names
+/// [`Nf4Options::keep_dense`] takes, in canonical order; as the recipe's `quantization.keep_unquantized` maps
+/// them. Fails on an unknown name.
+pub fn keep_dense_modules(names: &[String]) -> Result<Vec<String>> {
+    let mut targets = Vec::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        if matches!(name, "lm_head" | "router") {
+            continue;
+        }
+        match trainer::recipe::Target::parse_group(name) {
+            Some(group) => targets.extend(group),
+            None => bail!(
+                "--keep-unquantized: unknown layer `{name}`; expected lm_head, router or a linear layer name (q, k, \
+                 v, o, gate, up, down, w1, w2, w3, attention, mlp, experts, all)"
+            ),
+        }
+    }
+    targets.sort();
+    targets.dedup();
+    Ok(targets.into_iter().map(|t| t.hf_name().to_string()).collect())
 }
 
 /// The name `--dtype` takes for a dtype.
@@ -186,15 +224,21 @@ impl Facts {
     }
 
     fn plan(&self, dtype: DType, nf4: Option<Nf4Options>) -> WeightPlan {
-        // Activations and the KV cache are f32 on the CPU whatever the weights' dtype.
-        WeightPlan { dtype, nf4, source: self.source, compute_dtype: DType::F32 }
+        // Activations and the KV cache are in the dtype the layers compute in on the CPU (the model loads there).
+        let compute_dtype = trainer::model::decoder::compute_dtype(dtype, &Device::Cpu);
+        WeightPlan { dtype, nf4, source: self.source, compute_dtype }
     }
 }
 
 impl LoadArgs {
-    /// The NF4 options of `--quantize nf4`: training's (every decoder linear quantized, its double quantization).
-    fn nf4(&self) -> Option<Nf4Options> {
-        self.quantize.map(|Quantize::Nf4| Nf4Options { double_quant: self.double_quant, keep_dense: Vec::new() })
+    /// The NF4 options of `--quantize nf4`: training's (`--double-quant`, the linears `--keep-unquantized` keeps
+    /// dense, every other decoder linear quantized).
+    pub fn nf4(&self) -> Result<Option<Nf4Options>> {
+        let keep_dense = keep_dense_modules(&self.keep_unquantized)?;
+        if self.quantize.is_none() && !keep_dense.is_empty() {
+            bail!("--keep-unquantized needs --quantize nf4");
+        }
+        Ok(self.quantize.map(|Quantize::Nf4| Nf4Options { double_quant: self.double_quant, keep_dense }))
     }
 
     /// The dtype to load in: `--dtype`, else the checkpoint's own.
@@ -210,7 +254,7 @@ impl ModelArgs {
         let dir = &self.model;
         let facts = Facts::read(dir)?;
         let dtype = self.load.dtype(facts.native)?;
-        let nf4 = self.load.nf4();
+        let nf4 = self.load.nf4()?;
         if facts.gguf && nf4.is_some() {
             bail!(
                 "{}: --quantize nf4 needs a Hugging Face model directory (safetensors), not a GGUF file",
@@ -255,21 +299,24 @@ impl ModelArgs {
         let max_context = c.max_position_embeddings;
         // A checkpoint stored in NF4 is held in NF4 whatever the flags (bitsandbytes' usual double quantization).
         let nf4 = nf4.or_else(|| facts.stored_nf4.then(Nf4Options::qlora));
-        let workload = |context: usize| match *need {
+        // The contexts that may be chosen (per sequence), and the sequences holding a KV cache at once.
+        let (first, last, sequences) = match *need {
+            ContextNeed::Fixed { context, .. } => (context.min(max_context), context.min(max_context), 1),
+            ContextNeed::AsMuchAsFits { min } => (min.min(max_context), max_context, 1),
+            ContextNeed::Batch { min, sequences } => (min.min(max_context), max_context, sequences.max(1)),
+        };
+        let workload = |context: usize, sequences: usize| match *need {
             ContextNeed::Fixed { context, prefill, logit_rows } => {
-                Workload { context_tokens: context, prefill_tokens: prefill, logit_rows, sequences: 1, adapter_bytes }
+                Workload { context_tokens: context, prefill_tokens: prefill, logit_rows, sequences, adapter_bytes }
             }
-            ContextNeed::AsMuchAsFits { .. } => Workload {
+            // Each prompt is prefilled alone (up to the whole context); a decode step has one row per sequence.
+            ContextNeed::AsMuchAsFits { .. } | ContextNeed::Batch { .. } => Workload {
                 context_tokens: context,
                 prefill_tokens: context,
-                logit_rows: 1,
-                sequences: 1,
+                logit_rows: sequences,
+                sequences,
                 adapter_bytes,
             },
-        };
-        let (first, last) = match *need {
-            ContextNeed::Fixed { context, .. } => (context.min(max_context), context.min(max_context)),
-            ContextNeed::AsMuchAsFits { min } => (min.min(max_context), max_context),
         };
         if self.load.no_memory_check {
             return Ok(last);
@@ -277,14 +324,23 @@ impl ModelArgs {
         let Some(available) = trainer::system::memory_available_to_process() else {
             return Ok(last);
         };
-        let estimate = |plan: &WeightPlan, context: usize| estimate_inference(c, plan, &workload(context));
+        let estimate = |plan: &WeightPlan, context: usize, sequences: usize| {
+            estimate_inference(c, plan, &workload(context, sequences))
+        };
+        let batch = |n: usize| format!("--max-batch-size {n}");
         let plan = facts.plan(dtype, nf4.clone());
-        if let Some(context) = largest_fitting_context(first, last, available.bytes, |n| estimate(&plan, n)) {
+        if let Some(context) = largest_fitting_context(first, last, available.bytes, |n| estimate(&plan, n, sequences))
+        {
             if context < last {
-                let full = estimate(&plan, last);
+                let full = estimate(&plan, last, sequences);
+                let (per, each) = if sequences > 1 {
+                    (format!(" per sequence, for {sequences} sequences at once ({})", batch(sequences)), " in each")
+                } else {
+                    (String::new(), "")
+                };
                 eprintln!(
-                    "note: the context is limited to {context} of the model's {last} tokens by memory: the full \
-                     context needs {} ({}), {} is available ({})",
+                    "note: memory, not the model, limits the context to {context} of the model's {last} \
+                     tokens{per}: the full context{each} needs {} ({}), {} is available ({})",
                     format_bytes(full.total()),
                     full.describe(),
                     format_bytes(available.bytes),
@@ -293,7 +349,7 @@ impl ModelArgs {
             }
             return Ok(context);
         }
-        let needed = estimate(&plan, first);
+        let needed = estimate(&plan, first, sequences);
         // The flags that shrink the model, from the one that costs least quality.
         let mut options: Vec<(&str, WeightPlan)> = Vec::new();
         if dtype == DType::F32 {
@@ -306,26 +362,53 @@ impl ModelArgs {
                 options.push(("--dtype bf16 --quantize nf4", facts.plan(DType::BF16, q)));
             }
         }
-        let fitting = options.iter().find(|(_, p)| estimate(p, first).total() <= available.bytes);
-        let advice = match (fitting, options.last()) {
-            (Some((flags, p)), _) => {
-                format!(
-                    "with {flags} it would need {}, which fits: pass {flags}",
-                    format_bytes(estimate(p, first).total())
-                )
-            }
-            (None, Some((flags, p))) => format!(
-                "it does not fit this machine: even with {flags} it would need {}",
-                format_bytes(estimate(p, first).total())
-            ),
-            (None, None) => "it does not fit this machine".to_string(),
+        let fits = |p: &WeightPlan, n: usize| estimate(p, first, n).total() <= available.bytes;
+        // The largest batch below the requested one that fits with `p`.
+        let smaller_batch = |p: &WeightPlan| {
+            (sequences > 1)
+                .then(|| largest_fitting_context(1, sequences - 1, available.bytes, |n| estimate(p, first, n)))
+                .flatten()
         };
+        let fitting = |flags: &str, p: &WeightPlan, n: usize| {
+            format!(
+                "with {flags} it would need {}, which fits: pass {flags}",
+                format_bytes(estimate(p, first, n).total())
+            )
+        };
+        let mut advice: Vec<String> = Vec::new();
+        if let Some((flags, p)) = options.iter().find(|(_, p)| fits(p, sequences)) {
+            advice.push(fitting(flags, p, sequences));
+        }
+        if let Some(n) = smaller_batch(&plan) {
+            advice.push(fitting(&batch(n), &plan, n));
+        }
+        if advice.is_empty() {
+            let with_batch = options.iter().find_map(|(flags, p)| smaller_batch(p).map(|n| (flags, p, n)));
+            let smallest = if sequences > 1 { format!(" and {}", batch(1)) } else { String::new() };
+            advice.push(match (with_batch, options.last()) {
+                (Some((flags, p, n)), _) => fitting(&format!("{flags} {}", batch(n)), p, n),
+                (None, Some((flags, p))) => format!(
+                    "it does not fit this machine: even with {flags}{smallest} it would need {}",
+                    format_bytes(estimate(p, first, 1).total())
+                ),
+                (None, None) if sequences > 1 => format!(
+                    "it does not fit this machine: even with {} it would need {}",
+                    batch(1),
+                    format_bytes(estimate(&plan, first, 1).total())
+                ),
+                (None, None) => "it does not fit this machine".to_string(),
+            });
+        }
         let what = match need {
             ContextNeed::Fixed { .. } => format!("for a context of {first} tokens"),
             ContextNeed::AsMuchAsFits { .. } => format!("even for the smallest context ({first} tokens)"),
+            ContextNeed::Batch { .. } => format!(
+                "even for the smallest context ({first} tokens) in each of {sequences} sequences at once ({})",
+                batch(sequences)
+            ),
         };
         bail!(
-            "not enough memory to run {} in {}{}: needed {} {what} ({}), available {} ({}); {advice}. \
+            "not enough memory to run {} in {}{}: needed {} {what} ({}), available {} ({}); {}. \
              (--no-memory-check skips this check.)",
             self.model.display(),
             dtype_name(dtype),
@@ -334,6 +417,7 @@ impl ModelArgs {
             needed.describe(),
             format_bytes(available.bytes),
             available.limited_by.describe(),
+            advice.join("; or "),
         )
     }
 
@@ -360,4 +444,36 @@ pub fn parse_ids(text: &str) -> Result<Vec<u32>> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u32>().with_context(|| format!("--prompt-ids: `{s}` is not a token id")))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_unquantized_takes_the_recipes_names() {
+        let names = |list: &[&str]| keep_dense_modules(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            names(&["down", "attention", "q_proj", "lm_head"]).unwrap(),
+            ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+        );
+        assert_eq!(names(&["experts", "router"]).unwrap(), ["w1", "w2", "w3"]);
+        assert!(names(&[]).unwrap().is_empty());
+        let err = names(&["atention"]).unwrap_err().to_string();
+        assert!(err.contains("unknown layer `atention`"), "{err}");
+    }
+
+    #[test]
+    fn keep_unquantized_without_quantize_is_an_error() {
+        let load = LoadArgs {
+            dtype: None,
+            quantize: None,
+            double_quant: true,
+            keep_unquantized: vec!["q".into()],
+            no_memory_check: false,
+        };
+        assert!(load.nf4().is_err());
+        let nf4 = LoadArgs { quantize: Some(Quantize::Nf4), double_quant: false, ..load }.nf4().unwrap();
+        assert_eq!(nf4, Some(Nf4Options { double_quant: false, keep_dense: vec!["q_proj".into()] }));
+    }
 }

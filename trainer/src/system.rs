@@ -202,9 +202,15 @@ pub fn tune_process() {
     }
 }
 
-/// The system allocator, except that an allocation it cannot satisfy ends the process with a message and exit
-/// status 1 instead of Rust's abort (`memory allocation of N bytes failed`, SIGABRT, a core dump). For a binary
-/// to install as its `#[global_allocator]`; the library itself installs nothing.
+/// The system allocator, except that an allocation it refuses (a null from `malloc`) ends the process with a
+/// message and exit status 1 instead of Rust's abort (`memory allocation of N bytes failed`, SIGABRT, a core
+/// dump). For a binary to install as its `#[global_allocator]`; the library itself installs nothing.
+///
+/// Only a refused allocation is caught: under an address-space limit (`ulimit -v`, RLIMIT_AS) or strict
+/// overcommit (`vm.overcommit_memory = 2`). Exceeding a cgroup's memory limit, or physical memory under the
+/// default overcommit, is not a refusal: the allocation succeeds, and the kernel's OOM killer ends the process
+/// later with SIGKILL, which no code in the process sees. What prevents those is the memory check before loading
+/// (the estimate against [`memory_available_to_process`], which reads the cgroup limit and `MemAvailable`).
 ///
 /// The message is written straight to stderr and the process leaves with `_exit`: nothing that could allocate
 /// or take a lock runs after the failure. Code that asks for memory fallibly (`try_reserve`) gets the same
@@ -264,9 +270,10 @@ fn out_of_memory(size: usize) -> ! {
         }
     }
     put(&digits[i..]);
-    put(b" bytes could not be met (free memory, a cgroup limit or `ulimit -v` ran out). Use less memory (to run \
-          a model: --dtype bf16, --quantize nf4, a shorter context; to train: model.dtype = \"bf16\", \
-          quantization.method = \"nf4\", a smaller train.micro_batch_size or data.max_seq_len) or free some.\n");
+    put(b" bytes was refused (by the address-space limit `ulimit -v`, or by strict overcommit). Use less memory \
+          (to run a model: --dtype bf16, --quantize nf4, a shorter context, a smaller --max-batch-size; to train: \
+          model.dtype = \"bf16\", quantization.method = \"nf4\", a smaller train.micro_batch_size or \
+          data.max_seq_len) or raise the limit.\n");
     #[cfg(unix)]
     // SAFETY: write and _exit are async-signal-safe and touch only the buffer given.
     unsafe {

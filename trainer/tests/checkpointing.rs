@@ -126,14 +126,15 @@ fn the_aux_loss_gradient_reaches_the_router_only_when_on() {
 
 #[test]
 fn the_activation_budget_keeps_whole_layers_from_the_top() {
-    use trainer::train::{layer_activation_bytes, layers_within_budget};
+    use trainer::train::StepShape;
     let (model, _) = lora_model("tiny-mixtral", RouterMode::Frozen);
     let c = &model.config;
-    let per_layer = layer_activation_bytes(c, 80);
+    let shape = |tokens| StepShape::for_model(&model, tokens, 0, true);
+    let per_layer = shape(80).per_layer();
     assert!(per_layer > 0);
-    assert_eq!(layer_activation_bytes(c, 160), 2 * per_layer, "linear in tokens");
-    assert_eq!(layers_within_budget(c, 80, 0), 0);
-    assert_eq!(layers_within_budget(c, 80, per_layer - 1), 0);
-    assert_eq!(layers_within_budget(c, 80, per_layer), 1.min(c.num_layers));
-    assert_eq!(layers_within_budget(c, 80, u64::MAX), c.num_layers);
+    assert_eq!(shape(160).per_layer(), 2 * per_layer, "linear in tokens");
+    assert_eq!(shape(80).layers_within(0), 0);
+    assert_eq!(shape(80).layers_within(per_layer - 1), 0);
+    assert_eq!(shape(80).layers_within(per_layer), 1.min(c.num_layers));
+    assert_eq!(shape(80).layers_within(u64::MAX), c.num_layers);
 }

@@ -76,7 +76,9 @@ pub struct ServeArgs {
     /// Largest accepted request body in bytes.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     pub max_body: usize,
-    /// Most sequences generating at once (all models together); further requests wait in the queue.
+    /// Most sequences generating at once (all models together); further requests wait in the queue. Each may
+    /// fill the context with its own KV cache: the memory check sizes the context per sequence so that N of
+    /// them fit, and when not even the least context fits, it suggests a smaller N.
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub max_batch_size: usize,
 }
@@ -121,11 +123,14 @@ struct CommonParams {
 
 /// Runs `tramontane serve`.
 pub fn run(args: ServeArgs) -> Result<()> {
+    if args.max_batch_size == 0 {
+        bail!("--max-batch-size must be at least 1");
+    }
     let base_args = ModelArgs { model: args.model.clone(), adapter: Vec::new(), load: args.load.clone() };
-    // The memory check covers one sequence at the context it chooses (as much as fits, up to the model's);
-    // requests longer than that context are refused, and concurrent sequences add their own KV caches.
+    // The memory check covers --max-batch-size sequences at once, each at the context it chooses (as much as
+    // fits for all of them, up to the model's); requests longer than that context are refused.
     let demand = Demand {
-        context: ContextNeed::AsMuchAsFits { min: MIN_CONTEXT },
+        context: ContextNeed::Batch { min: MIN_CONTEXT, sequences: args.max_batch_size },
         extra_adapters: args
             .adapter
             .iter()
@@ -152,9 +157,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         trainer::lora::peft::apply_adapters(&mut model, &[(adapter, 1.0)])?;
         models.insert(name.to_string(), model);
         names.push(name.to_string());
-    }
-    if args.max_batch_size == 0 {
-        bail!("--max-batch-size must be at least 1");
     }
     let defaults = GenerationDefaults::load(&args.model).unwrap_or_default();
     let eos_ids =

@@ -20,7 +20,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// Query rows per block (the scratch is `BLOCK x keys`).
-const BLOCK: usize = 256;
+pub const BLOCK: usize = 256;
 
 /// `attention(q [b, heads, t, d], k [b, kv_heads, s, d], v [b, kv_heads, s, d]) -> [b, heads, t, d]`,
 /// all f32 on the CPU. Query head `h` uses key/value head `h / (heads / kv_heads)`.

@@ -14,7 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// Rows of logits computed at once.
-const BLOCK: usize = 256;
+pub const BLOCK: usize = 256;
 
 /// The fused op over hidden states `[n, hidden]` (f32, CPU).
 #[derive(Debug)]

@@ -20,17 +20,13 @@ use candle_core::DType;
 
 use super::config::{Architecture, ModelConfig, MoeConfig};
 use super::loader::Nf4Options;
-use crate::quant::tiled_matmul::TILE_FLOATS;
+use crate::kernels::attention::BLOCK as ATTENTION_BLOCK;
+use crate::quant::nf4::{NESTED_BLOCKSIZE, NF4_BLOCKSIZE};
+use crate::quant::tiled_matmul::tile_rows;
 use crate::{Error, Result};
 
 /// Bytes in a GiB.
 pub const GIB: u64 = 1 << 30;
-
-/// Values per NF4 block (bitsandbytes' default, the only one the loader uses).
-const NF4_BLOCK: u64 = 64;
-
-/// Query rows per block of the fused CPU attention (its scratch is `rows x keys` per thread).
-const ATTENTION_BLOCK: u64 = 256;
 
 /// What the process itself takes on top of the model after the check: per worker thread a 2 MiB stack
 /// for each of the two CPU pools (rayon's and candle's), plus 16 MiB for the allocator and everything
@@ -161,11 +157,16 @@ fn moe(c: &ModelConfig) -> Option<&MoeConfig> {
 }
 
 /// Bytes of one NF4 weight of `numel` elements as [`crate::quant::Nf4Weight`] holds it: two codes per
-/// byte, and per block of 64 either an f32 scale or (double quantization) an 8-bit code, with one f32 per
-/// 256 codes, the offset and the 256-entry code map.
+/// byte, and per block of [`NF4_BLOCKSIZE`] either an f32 scale or (double quantization) an 8-bit code, with
+/// one f32 per [`NESTED_BLOCKSIZE`] codes, the offset and the f32 code map of the 8-bit codes.
 pub fn nf4_bytes(numel: u64, double_quant: bool) -> u64 {
-    let blocks = numel.div_ceil(NF4_BLOCK);
-    let scales = if double_quant { blocks + blocks.div_ceil(256) * 4 + 4 + 256 * 4 } else { blocks * 4 };
+    let blocks = numel.div_ceil(NF4_BLOCKSIZE as u64);
+    let scales = if double_quant {
+        let code_map = crate::quant::dynamic_map::dynamic_map().len() as u64 * 4;
+        blocks + blocks.div_ceil(NESTED_BLOCKSIZE as u64) * 4 + 4 + code_map
+    } else {
+        blocks * 4
+    };
     numel.div_ceil(2) + scales
 }
 
@@ -200,9 +201,11 @@ pub fn kv_cache_bytes(c: &ModelConfig, tokens: usize, prefill: usize, sequences:
 }
 
 /// Bytes of the f32 tile a bf16/f16 or NF4 weight is expanded into for a product on the CPU (one per thread
-/// computing, kept between products): up to [`TILE_FLOATS`] values, whole rows, at most the weight.
+/// computing, kept between products): [`tile_rows`] whole rows (up to
+/// [`TILE_FLOATS`](crate::quant::tiled_matmul::TILE_FLOATS) values, at most the
+/// weight; none for an empty weight).
 fn tile_bytes(c: &ModelConfig, weights: &WeightPlan) -> u64 {
-    let tile = |rows: u64, cols: u64| (TILE_FLOATS as u64 / cols).clamp(1, rows) * cols * 4;
+    let tile = |rows: u64, cols: u64| tile_rows(rows as usize, cols as usize) as u64 * cols * 4;
     let h = c.hidden_size as u64;
     let mut widest = 0;
     if weights.dtype != DType::F32 {
@@ -219,7 +222,7 @@ fn tile_bytes(c: &ModelConfig, weights: &WeightPlan) -> u64 {
                 "down_proj" | "w2" => i,
                 _ => h,
             };
-            widest = widest.max(tile(numel / cols, cols));
+            widest = widest.max(tile(numel.checked_div(cols).unwrap_or(0), cols));
         }
     }
     widest
@@ -235,7 +238,7 @@ fn activation_bytes(c: &ModelConfig, t: u64, logit_rows: u64, kv_layer: u64, siz
     let experts = moe(c).map_or(0, |m| m.num_experts as u64);
     // Additive mask [t, t] (none for a single query) and the fused attention's per-thread scratch.
     let mask = if t > 1 { t * t * 4 } else { 0 };
-    let attention = threads * ATTENTION_BLOCK.min(t) * t * 4 + 2 * heads * t * 4;
+    let attention = threads * (ATTENTION_BLOCK as u64).min(t) * t * 4 + 2 * heads * t * 4;
     let rotary = 2 * t * c.head_dim as u64 * 4;
     // The residual stream and its norms, q, k, v (and their contiguous copies), the attention output,
     // the MLP's gate/up/product per active expert, the router logits.
@@ -430,40 +433,42 @@ pub fn gguf_facts(path: &Path) -> Result<GgufFacts> {
             _ => None,
         }
     };
-    let need = |key: &str| int(key).ok_or_else(|| Error::format(path, format!("missing metadata key `{key}`")));
+    // A dimension of 0 would make every size below meaningless (and divide by zero): refused by its key.
+    let zero = |key: &str| Error::format(path, format!("metadata `{key}` is 0; it must be positive"));
+    let optional = |key: &str| match int(key) {
+        Some(0) => Err(zero(key)),
+        value => Ok(value),
+    };
+    let need = |key: &str| optional(key)?.ok_or_else(|| Error::format(path, format!("missing metadata key `{key}`")));
     let hidden = need("llama.embedding_length")?;
     let heads = need("llama.attention.head_count")?;
-    let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
-    let head_dim =
-        int("llama.attention.key_length").or(int("llama.rope.dimension_count")).unwrap_or(hidden / heads.max(1));
-    let moe = int("llama.expert_count").filter(|&e| e > 0).map(|num_experts| MoeConfig {
-        num_experts,
-        experts_per_token: int("llama.expert_used_count").unwrap_or(2),
-        router_aux_loss_coef: 0.001,
-    });
+    let experts = int("llama.expert_count").filter(|&e| e > 0);
     let embed = content
         .tensor_infos
         .get("token_embd.weight")
         .ok_or_else(|| Error::MissingTensor { path: path.to_path_buf(), name: "token_embd.weight".into() })?;
-    let config = ModelConfig {
-        architecture: if moe.is_some() { Architecture::Mixtral } else { Architecture::Mistral },
-        vocab_size: embed.shape.elem_count() / hidden.max(1),
-        hidden_size: hidden,
-        intermediate_size: need("llama.feed_forward_length")?,
-        num_layers: need("llama.block_count")?,
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        sliding_window: int("llama.attention.sliding_window"),
-        max_position_embeddings: int("llama.context_length").unwrap_or(32_768),
-        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
-        declared_dtype: None,
-        bos_token_id: None,
-        eos_token_ids: Vec::new(),
-        moe,
-    };
+    // The rest is checked as config.json is (positive sizes, heads a multiple of the key/value heads, an
+    // even head dimension, the experts used among the experts), so that no estimate sees an impossible model.
+    let raw = serde_json::json!({
+        "model_type": if experts.is_some() { "mixtral" } else { "mistral" },
+        "vocab_size": embed.shape.elem_count() / hidden,
+        "hidden_size": hidden,
+        "intermediate_size": need("llama.feed_forward_length")?,
+        "num_hidden_layers": need("llama.block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": optional("llama.attention.head_count_kv")?.unwrap_or(heads),
+        "head_dim": match optional("llama.attention.key_length")? {
+            Some(d) => Some(d),
+            None => optional("llama.rope.dimension_count")?,
+        },
+        "sliding_window": int("llama.attention.sliding_window"),
+        "max_position_embeddings": optional("llama.context_length")?.unwrap_or(32_768),
+        "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
+        "num_local_experts": experts,
+        "num_experts_per_tok": experts.map(|_| int("llama.expert_used_count").unwrap_or(2)),
+    });
+    let config = ModelConfig::from_json_str(&raw.to_string())
+        .map_err(|e| Error::format(path, format!("the metadata describes an impossible model: {e}")))?;
     let largest_tensor = content.tensor_infos.values().map(|t| t.shape.elem_count() as u64).max().unwrap_or(0);
     let matrices: Vec<GgmlDType> =
         content.tensor_infos.values().filter(|t| t.shape.rank() >= 2).map(|t| t.ggml_dtype).collect();
@@ -639,19 +644,19 @@ mod tests {
         assert_eq!(whole.shard, ParameterCounts::from_config(&c).total * 2);
     }
 
-    #[test]
-    fn gguf_facts_read_the_header() {
+    /// Writes a GGUF file with the tiny fixture's shapes (an embedding `[100, 32]` and one `[48, 32]` matrix)
+    /// and its metadata, `changes` replacing or adding keys; returns its path.
+    fn write_gguf(dir: &Path, changes: &[(&str, u32)]) -> std::path::PathBuf {
         // A GGUF file written by `tramontane merge --gguf` in the adapters crate's tests is not at hand here;
-        // write one with candle from the tiny fixture's shapes.
+        // write one with candle.
         use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
         use candle_core::{Device, Tensor};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.gguf");
+        let path = dir.join("m.gguf");
         let t = |shape: &[usize]| {
             QTensor::quantize(&Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap(), GgmlDType::F16).unwrap()
         };
         let tensors = [("token_embd.weight", t(&[100, 32])), ("blk.0.ffn_up.weight", t(&[48, 32]))];
-        let md = [
+        let mut md: Vec<(&str, gguf_file::Value)> = vec![
             ("general.architecture", gguf_file::Value::String("llama".into())),
             ("llama.embedding_length", gguf_file::Value::U32(32)),
             ("llama.attention.head_count", gguf_file::Value::U32(4)),
@@ -660,17 +665,69 @@ mod tests {
             ("llama.feed_forward_length", gguf_file::Value::U32(48)),
             ("llama.context_length", gguf_file::Value::U32(128)),
         ];
+        for &(key, value) in changes {
+            md.retain(|(k, _)| *k != key);
+            md.push((key, gguf_file::Value::U32(value)));
+        }
         let mut f = std::fs::File::create(&path).unwrap();
         let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
         gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
-        drop(f);
-        let facts = gguf_facts(&path).unwrap();
+        path
+    }
+
+    #[test]
+    fn gguf_facts_read_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let facts = gguf_facts(&write_gguf(dir.path(), &[])).unwrap();
         assert_eq!(facts.config.vocab_size, 100);
         assert_eq!((facts.config.num_kv_heads, facts.config.head_dim, facts.config.num_layers), (2, 8, 1));
         assert_eq!(facts.config.max_position_embeddings, 128);
         assert!(facts.config.tie_word_embeddings);
         assert_eq!(facts.largest_tensor, 3200);
         assert_eq!(facts.float_dtype, Some(DType::F16));
+    }
+
+    #[test]
+    fn a_gguf_header_with_a_zero_or_impossible_dimension_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for (key, value, expected) in [
+            ("llama.embedding_length", 0, "`llama.embedding_length` is 0"),
+            ("llama.feed_forward_length", 0, "`llama.feed_forward_length` is 0"),
+            ("llama.attention.head_count", 0, "`llama.attention.head_count` is 0"),
+            ("llama.attention.head_count_kv", 0, "`llama.attention.head_count_kv` is 0"),
+            ("llama.block_count", 0, "`llama.block_count` is 0"),
+            ("llama.attention.key_length", 0, "`llama.attention.key_length` is 0"),
+            ("llama.context_length", 0, "`llama.context_length` is 0"),
+            ("llama.attention.head_count_kv", 3, "must be a multiple of `num_key_value_heads`"),
+            ("llama.attention.key_length", 7, "must be even"),
+            ("llama.embedding_length", 4000, "`vocab_size` must be positive"),
+        ] {
+            let err = gguf_facts(&write_gguf(dir.path(), &[(key, value)])).unwrap_err().to_string();
+            assert!(err.contains(expected), "{key} = {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_weight_has_no_tile_and_no_division_by_zero() {
+        // A configuration no validation would pass (built field by field): the estimate still returns.
+        let mut c = mistral_7b();
+        c.intermediate_size = 0;
+        let plan = WeightPlan {
+            dtype: DType::BF16,
+            nf4: Some(Nf4Options::qlora()),
+            source: WeightSource::Safetensors { stored_bytes_per_param: 2 },
+            compute_dtype: DType::F32,
+        };
+        let work = Workload { context_tokens: 16, prefill_tokens: 16, logit_rows: 1, sequences: 1, adapter_bytes: 0 };
+        let with_mlp = estimate_inference(&mistral_7b(), &plan, &work);
+        let without = estimate_inference(&c, &plan, &work);
+        assert!(without.weights < with_mlp.weights);
+        // The widest tile is the embedding's (bf16 lm_head, 4096 rows of 4096 columns), as with the MLP.
+        assert_eq!(tile_bytes(&c, &plan), crate::quant::tiled_matmul::TILE_FLOATS as u64 * 4);
+        c.hidden_size = 0;
+        c.vocab_size = 0;
+        c.num_heads = 0;
+        assert_eq!(tile_bytes(&c, &plan), 0);
     }
 }

@@ -118,13 +118,14 @@ impl FrozenWeight {
         }
     }
 
-    /// `y [m, out] = x [m, in] W^T` on plain f32 slices (f32 dense or NF4 weights on the CPU), at the
-    /// current matmul precision.
+    /// `y [m, out] = x [m, in] W^T` on plain f32 slices, for the weights [`FrozenWeight::has_cpu_products`]
+    /// takes (NF4, dense f32/bf16/f16 on the CPU), at the current matmul precision.
     pub fn forward_f32(&self, x: &[f32], m: usize, y: &mut [f32]) -> crate::Result<()> {
         self.slice_product(x, m, y, false)
     }
 
-    /// `dx [m, in] = g [m, out] W` on plain f32 slices (f32 dense or NF4 weights on the CPU).
+    /// `dx [m, in] = g [m, out] W` on plain f32 slices, for the weights [`FrozenWeight::has_cpu_products`]
+    /// takes.
     pub fn input_grad_f32(&self, g: &[f32], m: usize, dx: &mut [f32]) -> crate::Result<()> {
         self.slice_product(g, m, dx, true)
     }
@@ -188,7 +189,7 @@ impl FrozenWeight {
                     let product = if transposed { DenseProduct::InputGrad } else { DenseProduct::Forward };
                     return x.contiguous()?.apply_op2_no_bwd(&w, &DenseLinear(product));
                 }
-                if x.dtype() == DType::F32 && self.has_cpu_products() {
+                if x.dtype() == DType::F32 && x.device().is_cpu() && self.has_cpu_products() {
                     return x.contiguous()?.apply_op1_no_bwd(&HalfWeightProduct { weight: self.clone(), transposed });
                 }
                 let x2 = x.reshape((m, k))?;

@@ -102,19 +102,27 @@ pub enum Nf4Product {
     InputGrad,
 }
 
-/// Rows per tile for a weight with `cols` columns.
-fn tile_rows(w: &impl WeightRows) -> usize {
-    (TILE_FLOATS / w.cols()).clamp(1, w.rows())
+/// Rows per dequantized tile of a `[rows, cols]` weight: as many whole rows as [`TILE_FLOATS`] holds, at
+/// least one and at most the weight. An empty weight (0 rows or 0 columns) has no tile: 0.
+pub fn tile_rows(rows: usize, cols: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        return 0;
+    }
+    (TILE_FLOATS / cols).clamp(1, rows)
 }
 
 /// Expands `w` to f32 `tile` rows at a time into one scratch buffer and hands each tile
 /// `(first row, end row, values [rows, cols])` to `f`: no full f32 copy of the weight exists at once.
+/// An empty weight (0 rows or 0 columns) has no tile: `f` is never called.
 fn for_each_tile(
     w: &impl WeightRows,
     tile: usize,
     mut f: impl FnMut(usize, usize, &[f32]) -> crate::Result<()>,
 ) -> crate::Result<()> {
     let (rows, cols) = (w.rows(), w.cols());
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
     let tile = tile.max(1);
     // The scratch is kept per thread between calls (every value is overwritten before it is read).
     let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
@@ -138,7 +146,7 @@ thread_local! {
 
 /// `y [m, rows] = x [m, cols] W^T`, all row-major. Errors when the slices do not match the sizes.
 pub fn forward_cpu(w: &impl WeightRows, x: &[f32], m: usize, y: &mut [f32]) -> crate::Result<()> {
-    forward_tiled(w, x, m, y, tile_rows(w))
+    forward_tiled(w, x, m, y, tile_rows(w.rows(), w.cols()))
 }
 
 /// [`forward_cpu`] with `tile` weight rows per dequantized tile.
@@ -163,7 +171,7 @@ fn forward_tiled(w: &impl WeightRows, x: &[f32], m: usize, y: &mut [f32], tile: 
 
 /// `dx [m, cols] = g [m, rows] W`, all row-major: the tiles' products are accumulated into `dx`.
 pub fn input_grad_cpu(w: &impl WeightRows, g: &[f32], m: usize, dx: &mut [f32]) -> crate::Result<()> {
-    input_grad_tiled(w, g, m, dx, tile_rows(w))
+    input_grad_tiled(w, g, m, dx, tile_rows(w.rows(), w.cols()))
 }
 
 /// [`input_grad_cpu`] with `tile` weight rows per dequantized tile.
@@ -250,6 +258,29 @@ mod tests {
     use super::*;
     use crate::quant::QuantizeOptions;
 
+    /// A weight without rows or without columns has no tile, and its products do not divide by zero.
+    #[test]
+    fn an_empty_weight_has_no_tile() {
+        assert_eq!(tile_rows(0, 4096), 0);
+        assert_eq!(tile_rows(4096, 0), 0);
+        assert_eq!(tile_rows(0, 0), 0);
+        assert_eq!(tile_rows(10, 4096), 10);
+        assert_eq!(tile_rows(100_000, TILE_FLOATS * 2), 1);
+        let empty = HalfRows::Bf16 { data: &[], cols: 4 };
+        let (x, mut y) = (vec![1f32; 2 * 4], Vec::<f32>::new());
+        forward_cpu(&empty, &x, 2, &mut y).unwrap();
+        let (g, mut dx) = (Vec::<f32>::new(), vec![0f32; 2 * 4]);
+        input_grad_cpu(&empty, &g, 2, &mut dx).unwrap();
+        assert_eq!(dx, vec![0f32; 8]);
+        let mut calls = 0;
+        for_each_tile(&HalfRows::F16 { data: &[], cols: 0 }, 0, |_, _, _| {
+            calls += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, 0);
+    }
+
     /// Several tiles (including a ragged last one) give the products of the whole dequantized weight.
     #[test]
     fn products_over_several_tiles_equal_the_dequantized_products() {
@@ -273,6 +304,38 @@ mod tests {
             input_grad_tiled(&w, &g, m, &mut dx, tile).unwrap();
             for (got, want) in y.iter().zip(&y_ref).chain(dx.iter().zip(&dx_ref)) {
                 assert!((*got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "tile {tile}: {got} vs {want}");
+            }
+        }
+    }
+
+    /// The same over bf16 and f16 weights: each tile expanded exactly, products those of the 16-bit values.
+    #[test]
+    fn half_precision_weights_over_several_tiles_equal_their_exact_products() {
+        let (rows, cols, m) = (70usize, 64usize, 13usize);
+        let wv: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 401) as f32 / 200.0 - 1.0).collect();
+        let bf: Vec<bf16> = wv.iter().map(|&v| bf16::from_f32(v)).collect();
+        let hf: Vec<f16> = wv.iter().map(|&v| f16::from_f32(v)).collect();
+        let x: Vec<f32> = (0..m * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        let g: Vec<f32> = (0..m * rows).map(|i| ((i * 13) % 23) as f32 / 11.0 - 1.0).collect();
+        for (weight, exact) in [
+            (HalfRows::Bf16 { data: &bf, cols }, bf.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()),
+            (HalfRows::F16 { data: &hf, cols }, hf.iter().map(|v| v.to_f32()).collect::<Vec<f32>>()),
+        ] {
+            assert_eq!((WeightRows::rows(&weight), WeightRows::cols(&weight)), (rows, cols));
+            let y_ref: Vec<f64> = (0..m * rows)
+                .map(|o| (0..cols).map(|k| x[o / rows * cols + k] as f64 * exact[o % rows * cols + k] as f64).sum())
+                .collect();
+            let dx_ref: Vec<f64> = (0..m * cols)
+                .map(|o| (0..rows).map(|r| g[o / cols * rows + r] as f64 * exact[r * cols + o % cols] as f64).sum())
+                .collect();
+            for tile in [rows, 16, 7] {
+                let mut y = vec![0f32; m * rows];
+                forward_tiled(&weight, &x, m, &mut y, tile).unwrap();
+                let mut dx = vec![0f32; m * cols];
+                input_grad_tiled(&weight, &g, m, &mut dx, tile).unwrap();
+                for (got, want) in y.iter().zip(&y_ref).chain(dx.iter().zip(&dx_ref)) {
+                    assert!((*got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "tile {tile}: {got} vs {want}");
+                }
             }
         }
     }

@@ -9,11 +9,10 @@
 
 use candle_core::DType;
 
-use crate::model::ModelConfig;
+use crate::model::{Model, ModelConfig};
 
-/// Rows of logits the fused lm_head + cross-entropy computes at once (see
-/// [`crate::kernels::LinearCrossEntropy`]).
-const LOSS_BLOCK_ROWS: u64 = 256;
+/// Rows of logits the fused lm_head + cross-entropy computes at once.
+const LOSS_BLOCK_ROWS: u64 = crate::kernels::linear_cross_entropy::BLOCK as u64;
 
 /// Bytes of the f32 scratch tile a compact weight is expanded into (see [`crate::quant::tiled_matmul`]).
 const TILE_BYTES: u64 = (crate::quant::tiled_matmul::TILE_FLOATS * 4) as u64;
@@ -51,18 +50,24 @@ impl StepMemory {
     }
 }
 
-/// Estimated bytes of the activations one decoder layer keeps for its backward, for `tokens` tokens,
-/// computed in `compute` (attention inputs, projections, rotated q/k, outputs and residuals; the
-/// feed-forward's inputs, gate, up and product; per visited expert with MoE), with a 25% margin.
-pub fn layer_activation_bytes(config: &ModelConfig, tokens: usize, compute: DType) -> u64 {
+/// Estimated bytes of the activations one decoder layer keeps for its backward, for `tokens` tokens
+/// computed in `compute` with the residual stream stored in `storage`: the attention's normed input, queries,
+/// keys and values after RoPE and its output; the residual after attention and the feed-forward's normed input;
+/// the gate, up and gated product (per visited expert with MoE, with the expert's gathered input, plus the
+/// router logits); when the storage dtype is not the compute dtype, the layer's input and output in the compute
+/// dtype as well. A 20% margin covers per-row statistics, masks and allocator rounding (measured against peak
+/// RSS by `cargo bench --bench real_shapes`).
+pub fn layer_activation_bytes(config: &ModelConfig, tokens: usize, storage: DType, compute: DType) -> u64 {
     let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
+    let q = (config.num_heads * config.head_dim) as u64;
     let kv = (config.num_kv_heads * config.head_dim) as u64;
-    let attention = 8 * h + 3 * kv;
+    let attention = 3 * h + 2 * q + 2 * kv;
     let feed_forward = match &config.moe {
-        Some(moe) => moe.experts_per_token as u64 * (3 * h + 3 * i) + 2 * h,
-        None => 3 * h + 3 * i,
+        Some(moe) => moe.experts_per_token as u64 * (h + 3 * i) + moe.num_experts as u64,
+        None => 3 * i,
     };
-    (attention + feed_forward) * compute.size_in_bytes() as u64 * tokens as u64 * 5 / 4
+    let conversions = if storage == compute { 0 } else { 2 * h };
+    (attention + feed_forward + conversions) * compute.size_in_bytes() as u64 * tokens as u64 * 6 / 5
 }
 
 /// What a training configuration needs.
@@ -82,14 +87,31 @@ pub struct StepShape<'a> {
     pub checkpointing: bool,
 }
 
-impl StepShape<'_> {
+impl<'a> StepShape<'a> {
+    /// The shape of a step of `tokens` tokens per micro-batch on `model`.
+    pub fn for_model(model: &'a Model, tokens: usize, trainable_parameters: usize, checkpointing: bool) -> Self {
+        StepShape {
+            config: &model.config,
+            tokens,
+            storage: model.dtype,
+            compute: model.compute_dtype(),
+            trainable_parameters,
+            checkpointing,
+        }
+    }
+
+    /// Estimated activations one layer keeps (see [`layer_activation_bytes`]).
+    pub fn per_layer(&self) -> u64 {
+        layer_activation_bytes(self.config, self.tokens, self.storage, self.compute)
+    }
+
     /// The step's memory when the last `kept_layers` layers keep their activations (all of them without
     /// checkpointing), on top of `loaded` bytes already resident.
     pub fn memory(&self, loaded: u64, kept_layers: usize) -> StepMemory {
         let c = self.config;
         let tokens = self.tokens as u64;
         let layers = c.num_layers;
-        let per_layer = layer_activation_bytes(c, self.tokens, self.compute);
+        let per_layer = self.per_layer();
         let kept_layers = if self.checkpointing { kept_layers.min(layers) } else { layers };
         let hidden = c.hidden_size as u64;
         let layer_inputs =
@@ -98,9 +120,10 @@ impl StepShape<'_> {
         let trainable = 5 * 4 * self.trainable_parameters as u64;
         // The loss: one block of logits (f32), the labelled rows' hidden states and their gradient.
         let loss = LOSS_BLOCK_ROWS.min(tokens) * c.vocab_size as u64 * 4 + 2 * tokens * hidden * 4;
-        // A recomputed layer's activations and as much again for its backward's gradients; without
-        // checkpointing the backward's gradients of the last layer.
-        let recompute = if self.checkpointing && kept_layers < layers { 2 * per_layer } else { per_layer };
+        // A recomputed layer's activations and twice as much for its backward's gradients and temporaries;
+        // when nothing is recomputed, the backward's gradients of one layer (measured at 7B shapes by
+        // `cargo bench --bench real_shapes`).
+        let recompute = if self.checkpointing && kept_layers < layers { 3 * per_layer } else { per_layer };
         StepMemory {
             loaded,
             trainable,
@@ -115,7 +138,7 @@ impl StepShape<'_> {
 
     /// How many of the last layers keep their activations within `budget` bytes.
     pub fn layers_within(&self, budget: u64) -> usize {
-        let per_layer = layer_activation_bytes(self.config, self.tokens, self.compute).max(1);
+        let per_layer = self.per_layer().max(1);
         ((budget / per_layer) as usize).min(self.config.num_layers)
     }
 
@@ -127,5 +150,74 @@ impl StepShape<'_> {
         let fixed = self.memory(0, 0).fixed();
         let margin = (available / 10).max(1 << 30);
         available.saturating_sub(fixed).saturating_sub(margin) / 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mistral_7b() -> ModelConfig {
+        let j = serde_json::json!({
+            "model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        });
+        ModelConfig::from_json_str(&j.to_string()).unwrap()
+    }
+
+    fn shape(c: &ModelConfig, tokens: usize, storage: DType) -> StepShape<'_> {
+        StepShape {
+            config: c,
+            tokens,
+            storage,
+            compute: DType::F32,
+            trainable_parameters: 41_943_040,
+            checkpointing: true,
+        }
+    }
+
+    #[test]
+    fn a_layer_keeps_what_its_backward_reads() {
+        let c = mistral_7b();
+        // Per token: normed input, q, k, v, attention output, residual, normed input again, gate, up, product:
+        // 3 x 4096 (hidden) + 2 x 4096 (q, output) + 2 x 1024 (k, v) + 3 x 14336 (intermediate) = 65536 f32.
+        let per_token = 65536u64 * 4;
+        assert_eq!(layer_activation_bytes(&c, 512, DType::F32, DType::F32), per_token * 512 * 6 / 5);
+        // A bf16 residual stream adds the layer's f32 input and output.
+        assert_eq!(layer_activation_bytes(&c, 512, DType::BF16, DType::F32), (65536 + 2 * 4096) * 4 * 512 * 6 / 5);
+        assert_eq!(layer_activation_bytes(&c, 1024, DType::F32, DType::F32), 2 * per_token * 512 * 6 / 5);
+    }
+
+    #[test]
+    fn the_peak_is_the_sum_of_its_parts() {
+        let c = mistral_7b();
+        let s = shape(&c, 2048, DType::BF16);
+        let m = s.memory(4 << 30, 0);
+        assert_eq!(m.total(), m.loaded + m.trainable + m.layer_inputs + m.kept_activations + m.working);
+        assert_eq!(m.kept_activations, 0);
+        // LoRA weights, accumulated and per-micro-batch gradients and two AdamW moments, f32.
+        assert_eq!(m.trainable, 41_943_040 * 4 * 5);
+        // One bf16 [2048, 4096] input per layer.
+        assert_eq!(m.layer_inputs, 32 * 2048 * 4096 * 2);
+        assert_eq!(shape(&c, 2048, DType::F32).memory(0, 0).layer_inputs, 2 * m.layer_inputs);
+        let kept = s.memory(4 << 30, 5);
+        assert_eq!(kept.kept_activations, 5 * s.per_layer());
+        // Keeping every layer recomputes none: one layer's backward instead of a recompute.
+        assert!(s.memory(0, 32).working < m.working);
+    }
+
+    #[test]
+    fn the_default_budget_keeps_a_margin_and_never_goes_negative() {
+        let c = mistral_7b();
+        let s = shape(&c, 2048, DType::BF16);
+        let fixed = s.memory(0, 0).fixed();
+        let available = 20u64 << 30;
+        assert_eq!(s.default_budget(available), (available - fixed - available / 10) / 2);
+        // Below 10 GiB available the margin is at least 1 GiB.
+        let small = fixed + (3 << 30);
+        assert_eq!(s.default_budget(small), (small - fixed - (1 << 30)) / 2);
+        assert_eq!(s.default_budget(fixed / 2), 0);
+        assert_eq!(s.layers_within(s.per_layer() * 3 + 1), 3);
+        assert_eq!(s.layers_within(u64::MAX), 32);
     }
 }

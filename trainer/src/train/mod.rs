@@ -15,13 +15,10 @@ pub mod schedule;
 pub mod step;
 pub mod update;
 
-pub use memory::{StepMemory, StepShape};
+pub use memory::{layer_activation_bytes, StepMemory, StepShape};
 pub use optim::{AdamW, AdamWConfig};
 pub use report::{JsonReporter, ProgressReporter, QuietReporter, Reporter, RunSummary};
 pub use run::{run_training, RunOptions};
 pub use schedule::{Schedule, ScheduleKind};
-pub use step::{
-    forward_backward, forward_backward_keeping, layer_activation_bytes, layers_within_budget, LossScaling, MicroBatch,
-    MicroBatchOutput,
-};
+pub use step::{forward_backward, forward_backward_keeping, LossScaling, MicroBatch, MicroBatchOutput};
 pub use update::{optimizer_step, StepProgress, StepReport, StepSettings};

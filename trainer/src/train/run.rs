@@ -19,7 +19,7 @@ use super::step::MicroBatch;
 use super::update::{optimizer_step, StepReport, StepSettings};
 use crate::lora::{attach_lora, peft, LoraInit, LoraPlan, LoraSettings, TrainableParams};
 use crate::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer, Nf4Options, ParameterCounts};
-use crate::recipe::{AdapterLayout, Dtype, QuantMethod, Recipe, Target};
+use crate::recipe::{AdapterLayout, Dtype, QuantMethod, Recipe};
 use crate::{Error, Result};
 
 /// Consecutive non-finite steps after which training stops.
@@ -67,21 +67,6 @@ impl RunDir {
     }
 }
 
-fn hf_target(t: Target) -> &'static str {
-    match t {
-        Target::Q => "q_proj",
-        Target::K => "k_proj",
-        Target::V => "v_proj",
-        Target::O => "o_proj",
-        Target::Gate => "gate_proj",
-        Target::Up => "up_proj",
-        Target::Down => "down_proj",
-        Target::W1 => "w1",
-        Target::W2 => "w2",
-        Target::W3 => "w3",
-    }
-}
-
 /// The engine's LoRA settings of a recipe.
 pub fn lora_settings(recipe: &Recipe) -> LoraSettings {
     let l = &recipe.lora;
@@ -90,7 +75,7 @@ pub fn lora_settings(recipe: &Recipe) -> LoraSettings {
         alpha: l.alpha,
         dropout: l.dropout,
         use_rslora: l.use_rslora,
-        targets: l.target_set().into_iter().map(|t| hf_target(t).to_string()).collect(),
+        targets: l.target_set().into_iter().map(|t| t.hf_name().to_string()).collect(),
         rank_pattern: l.rank_pattern.clone(),
         alpha_pattern: l.alpha_pattern.clone(),
         layers: (!l.layers_to_transform.is_empty()).then(|| l.layers_to_transform.clone()),
@@ -252,14 +237,12 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
 /// account of it: what a step keeps and recomputes, and its predicted peak part by part.
 fn memory_plan(recipe: &Recipe, model: &Model, trainable_parameters: usize) -> (Option<u64>, String) {
     let t = &recipe.train;
-    let shape = StepShape {
-        config: &model.config,
-        tokens: t.micro_batch_size * recipe.data.max_seq_len,
-        storage: model.dtype,
-        compute: model.compute_dtype(),
+    let shape = StepShape::for_model(
+        model,
+        t.micro_batch_size * recipe.data.max_seq_len,
         trainable_parameters,
-        checkpointing: t.gradient_checkpointing,
-    };
+        t.gradient_checkpointing,
+    );
     let loaded = crate::system::rss_bytes().unwrap_or_else(|| model_memory_bytes(model));
     let available = crate::system::memory_available_to_process().map(|a| a.bytes);
     let budget = t
@@ -396,8 +379,9 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
             .warn(&format!("--resume: no checkpoint in {}, starting from scratch", run_dir.checkpoints().display()));
     }
     let resume_step = resumed.as_ref().map(|c| c.step);
-    // An adapter a crash left moved aside is put back; samples.jsonl is cut back like metrics.jsonl
-    // (the resumed run evaluates those steps again).
+    // An adapter a crash left moved aside (as `<dir>.tramontane-replaced`, a name only
+    // `replace_dir` writes; a user's `adapter.old` is left alone) is put back; samples.jsonl is cut
+    // back like metrics.jsonl (the resumed run evaluates those steps again).
     for dir in [run_dir.adapter(), run_dir.best_adapter()] {
         recover_dir(&dir)?;
     }

@@ -8,7 +8,9 @@
 //!
 //! [`replace_dir`] replaces a directory (the run's `adapter/`, `adapter-best/`) without a moment
 //! where neither the old nor the new one is there; [`recover_dir`] repairs what a crash in the middle
-//! of the portable fallback leaves.
+//! of the portable fallback leaves. The old directory is moved aside under a name only this module
+//! writes (`<dir>.tramontane-replaced`), so a user's own `adapter.old` (or any other sibling) is
+//! never taken for crash debris.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,8 @@ use crate::{Error, Result};
 const TRAINABLE: &str = "trainable.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "state.json";
+/// Suffix of the name [`replace_by_renames`] moves the old directory to; nothing else writes it.
+const REPLACED: &str = ".tramontane-replaced";
 
 /// A checkpoint's contents.
 #[derive(Debug, Clone)]
@@ -125,7 +129,7 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<RunCheckpoint>> {
     }
 }
 
-/// `dir` with `suffix` appended to its last component (`run/adapter` -> `run/adapter.old`).
+/// `dir` with `suffix` appended to its last component (`run/adapter` -> `run/adapter.tmp`).
 pub fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     let mut name = dir.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(suffix);
@@ -140,12 +144,18 @@ fn sync_parent(dir: &Path) {
     }
 }
 
-/// Undoes what an interrupted [`replace_dir`] left of `dir`: when only `dir.old` exists (the old
-/// directory moved aside, the new one not yet in place), `dir.old` is renamed back to `dir`; when both
-/// exist (the new one in place, the old one not yet deleted), `dir.old` is deleted. Returns whether
-/// a directory was restored.
+/// Where [`replace_by_renames`] moves the old `dir` while the new one is renamed into place.
+fn replaced(dir: &Path) -> PathBuf {
+    sibling(dir, REPLACED)
+}
+
+/// Undoes what an interrupted [`replace_dir`] left of `dir`: when only `dir.tramontane-replaced`
+/// exists (the old directory moved aside, the new one not yet in place), it is renamed back to `dir`;
+/// when both exist (the new one in place, the old one not yet deleted), it is deleted. Only that
+/// name is looked at: other siblings (a user's `dir.old`, say) are left alone. Returns whether a
+/// directory was restored.
 pub fn recover_dir(dir: &Path) -> Result<bool> {
-    let old = sibling(dir, ".old");
+    let old = replaced(dir);
     if !old.exists() {
         return Ok(false);
     }
@@ -190,9 +200,11 @@ fn exchange(_: &Path, _: &Path) -> bool {
 /// Puts the complete directory `new` in the place of `dir` (created or replaced) so that a crash at
 /// any point leaves either the old or the new directory there, never none: on Linux the two are
 /// exchanged atomically (`renameat2(RENAME_EXCHANGE)`) and the old one, now at `new`, is deleted;
-/// elsewhere (or where the file system cannot exchange) the old one is renamed to `dir.old`, `new`
-/// to `dir`, then `dir.old` is deleted, and [`recover_dir`] (run first here, and at the start of a
-/// run) puts `dir.old` back if a crash came between the two renames.
+/// elsewhere (or where the file system cannot exchange) the old one is renamed to
+/// `dir.tramontane-replaced`, `new` to `dir`, then `dir.tramontane-replaced` is deleted, and
+/// [`recover_dir`] (run first here, and at the start of a run) puts it back if a crash came between
+/// the two renames. Once the new directory is in place, failing to delete the old one is not an
+/// error.
 pub fn replace_dir(new: &Path, dir: &Path) -> Result<()> {
     recover_dir(dir)?;
     if !dir.exists() {
@@ -202,18 +214,26 @@ pub fn replace_dir(new: &Path, dir: &Path) -> Result<()> {
     }
     if exchange(new, dir) {
         sync_parent(dir);
-        return std::fs::remove_dir_all(new).map_err(|e| Error::io(new, e));
+        // The new directory is in place; the old one, now at `new`, is only garbage. If it cannot be
+        // deleted the replacement still succeeded: the next save removes a stale `new` first (see
+        // `save_adapter_atomic` in run.rs, which deletes `<dir>.tmp` before writing it).
+        let _ = std::fs::remove_dir_all(new);
+        return Ok(());
     }
     replace_by_renames(new, dir)
 }
 
-/// [`replace_dir`] without the atomic exchange: `dir` -> `dir.old`, `new` -> `dir`, delete `dir.old`.
+/// [`replace_dir`] without the atomic exchange: `dir` -> `dir.tramontane-replaced`, `new` -> `dir`,
+/// delete `dir.tramontane-replaced`.
 fn replace_by_renames(new: &Path, dir: &Path) -> Result<()> {
-    let old = sibling(dir, ".old");
+    let old = replaced(dir);
     std::fs::rename(dir, &old).map_err(|e| Error::io(&old, e))?;
     std::fs::rename(new, dir).map_err(|e| Error::io(dir, e))?;
     sync_parent(dir);
-    std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))
+    // The new directory is in place; an old one left behind is deleted by the next `recover_dir`
+    // (run by the next save and at the start of a run), so failing to delete it is not an error.
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -284,14 +304,14 @@ mod tests {
     fn a_crash_between_the_renames_is_recovered() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("adapter-best");
-        // What a crash after `dir -> dir.old` and before `dir.tmp -> dir` leaves.
-        write_dir(&sibling(&dir, ".old"), "old");
+        // What a crash after `dir -> dir.tramontane-replaced` and before `dir.tmp -> dir` leaves.
+        write_dir(&replaced(&dir), "old");
         write_dir(&sibling(&dir, ".tmp"), "half-written");
         assert!(recover_dir(&dir).unwrap());
         assert_eq!(content(&dir), "old");
-        assert!(!sibling(&dir, ".old").exists());
+        assert!(!replaced(&dir).exists());
         // The next save also starts by recovering, and then replaces.
-        std::fs::rename(&dir, sibling(&dir, ".old")).unwrap();
+        std::fs::rename(&dir, replaced(&dir)).unwrap();
         let tmp = sibling(&dir, ".tmp");
         std::fs::remove_dir_all(&tmp).unwrap();
         write_dir(&tmp, "new");
@@ -299,7 +319,7 @@ mod tests {
         assert_eq!(content(&dir), "new");
         assert_eq!(names(root.path()), vec!["adapter-best"]);
         // A crash after the new directory was in place but before the old one was deleted.
-        write_dir(&sibling(&dir, ".old"), "old");
+        write_dir(&replaced(&dir), "old");
         assert!(!recover_dir(&dir).unwrap());
         assert_eq!(content(&dir), "new");
         assert_eq!(names(root.path()), vec!["adapter-best"]);
@@ -315,6 +335,31 @@ mod tests {
         replace_by_renames(&tmp, &dir).unwrap();
         assert_eq!(content(&dir), "new");
         assert_eq!(names(root.path()), vec!["adapter"]);
+    }
+
+    #[test]
+    fn a_users_own_dot_old_directory_is_never_touched() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("adapter");
+        let users = sibling(&dir, ".old");
+        let tmp = sibling(&dir, ".tmp");
+        // `mv adapter adapter.old` before the run: `adapter` is missing, `adapter.old` is the user's.
+        write_dir(&users, "mine");
+        assert!(!recover_dir(&dir).unwrap());
+        assert!(!dir.exists(), "the user's adapter.old is not resurrected as adapter");
+        write_dir(&tmp, "first");
+        replace_dir(&tmp, &dir).unwrap();
+        assert_eq!(content(&dir), "first");
+        assert_eq!(content(&users), "mine");
+        // With both there, neither recovery nor a replacement (either way) deletes it.
+        assert!(!recover_dir(&dir).unwrap());
+        write_dir(&tmp, "second");
+        replace_dir(&tmp, &dir).unwrap();
+        write_dir(&tmp, "third");
+        replace_by_renames(&tmp, &dir).unwrap();
+        assert_eq!(content(&dir), "third");
+        assert_eq!(content(&users), "mine");
+        assert_eq!(names(root.path()), vec!["adapter", "adapter.old"]);
     }
 
     #[cfg(target_os = "linux")]

@@ -84,19 +84,6 @@ pub fn forward_backward(
     forward_backward_keeping(model, params, mb, scaling, checkpointing, 0)
 }
 
-/// Estimated bytes of the activations one decoder layer keeps for its backward, for `tokens` tokens
-/// computed in f32 (what the CPU computes in, whatever the storage dtype; see
-/// [`super::memory::layer_activation_bytes`]).
-pub fn layer_activation_bytes(config: &crate::model::ModelConfig, tokens: usize) -> u64 {
-    super::memory::layer_activation_bytes(config, tokens, DType::F32)
-}
-
-/// How many of the last layers keep their activations (are not recomputed) within `budget` bytes.
-pub fn layers_within_budget(config: &crate::model::ModelConfig, tokens: usize, budget: u64) -> usize {
-    let per_layer = layer_activation_bytes(config, tokens).max(1);
-    ((budget / per_layer) as usize).min(config.num_layers)
-}
-
 /// [`forward_backward`] with checkpointing where the last `keep_last` layers keep their activations
 /// from the forward instead of being recomputed (more memory, less work); without checkpointing every
 /// layer keeps them anyway.

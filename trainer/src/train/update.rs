@@ -8,9 +8,10 @@ use serde::Serialize;
 
 use super::grads::{accumulate, clip_global_norm};
 use super::loss::ShiftedTargets;
+use super::memory::StepShape;
 use super::optim::AdamW;
 use super::schedule::Schedule;
-use super::step::{forward_backward_keeping, layers_within_budget, LossScaling, MicroBatch};
+use super::step::{forward_backward_keeping, LossScaling, MicroBatch};
 use crate::lora::TrainableParams;
 use crate::model::Model;
 
@@ -24,7 +25,7 @@ pub struct StepSettings {
     /// Per-layer gradient checkpointing.
     pub checkpointing: bool,
     /// With checkpointing: bytes of activations per micro-batch that may be kept instead of recomputed
-    /// (the last layers that fit keep theirs, see [`super::step::layers_within_budget`]); `None`
+    /// (the last layers that fit keep theirs, see [`StepShape::layers_within`]); `None`
     /// recomputes every layer.
     pub activation_budget: Option<u64>,
 }
@@ -97,7 +98,9 @@ pub fn optimizer_step(
     let mut expert_load: Vec<Vec<f32>> = Vec::new();
     for (i, mb) in micro_batches.iter().enumerate() {
         params.dropout.train_with_seed(dropout_seed.wrapping_add(i as u64));
-        let keep = settings.activation_budget.map_or(0, |b| layers_within_budget(&model.config, mb.input_ids.len(), b));
+        let keep = settings
+            .activation_budget
+            .map_or(0, |b| StepShape::for_model(model, mb.input_ids.len(), 0, true).layers_within(b));
         let out = forward_backward_keeping(model, params, mb, &scaling, settings.checkpointing, keep)?;
         nll += out.nll_sum;
         let mb_tokens = mb.valid.as_ref().map_or(mb.input_ids.len(), |v| v.iter().filter(|x| **x).count());
