@@ -120,10 +120,11 @@ impl<'a> StepShape<'a> {
         let trainable = 5 * 4 * self.trainable_parameters as u64;
         // The loss: one block of logits (f32), the labelled rows' hidden states and their gradient.
         let loss = LOSS_BLOCK_ROWS.min(tokens) * c.vocab_size as u64 * 4 + 2 * tokens * hidden * 4;
-        // A recomputed layer's activations and twice as much for its backward's gradients and temporaries;
-        // when nothing is recomputed, the backward's gradients of one layer (measured at 7B shapes by
-        // `cargo bench --bench real_shapes`).
-        let recompute = if self.checkpointing && kept_layers < layers { 3 * per_layer } else { per_layer };
+        // A recomputed layer's activations and one and a half times as much for its backward's gradients and
+        // temporaries; when nothing is recomputed, the backward's gradients of one layer (fitted to the peaks
+        // `cargo bench --bench real_shapes` measures: Mistral-7B full depth at 512 and 2048 tokens, Mixtral and
+        // Nemo cuts, f32 and bf16, all within 15%).
+        let recompute = if self.checkpointing && kept_layers < layers { per_layer * 5 / 2 } else { per_layer };
         StepMemory {
             loaded,
             trainable,
