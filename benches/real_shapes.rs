@@ -9,7 +9,7 @@
 //! the peak RSS is its own): loads it quantizing every decoder linear to NF4 (double quantization), attaches
 //! LoRA r=16 to every linear, and runs one training step of one sequence with gradient checkpointing twice:
 //! recomputing every layer, then keeping the layers the default activation budget allows (what `train`
-//! does), after an uncounted warm-up step on 128 tokens. Each prints load seconds, seconds per step, tokens/s, GFLOP/s (counted as in the speed bench) and
+//! does), after an uncounted warm-up step on 128 tokens. Each prints load seconds, seconds per step, tokens/s, GFLOP/s (benches/common/flops.rs, as the speed bench) and
 //! the peak RSS measured against the `memory` header's prediction for that step ([`StepShape::memory`]).
 //! `--configs` lists the configurations instead (e.g. `f32:512,bf16:512,bf16:2048:recompute-all`; a variant
 //! runs only that step). The CPU's own GEMM peaks (f32 and bf16 operands, this process, 2048 x 4096 x 4096) are measured first.
@@ -26,6 +26,10 @@ use trainer::model::synthetic::{write_random_checkpoint, StoredDtype};
 use trainer::model::{load_model, LoadOptions, ModelConfig, Nf4Options};
 use trainer::system::{memory_available_to_process, peak_rss_bytes, reset_peak_rss, rss_bytes};
 use trainer::train::{forward_backward_keeping, LossScaling, MicroBatch, StepShape};
+
+#[path = "common/flops.rs"]
+mod flops;
+use flops::lora_step_flops_per_token;
 
 fn config(shape: &str, layers: Option<usize>) -> ModelConfig {
     let mut j = match shape {
@@ -64,25 +68,6 @@ fn gib(bytes: u64) -> f64 {
 
 fn arg(name: &str) -> Option<String> {
     std::env::args().find_map(|a| a.strip_prefix(&format!("--{name}=")).map(String::from))
-}
-
-/// FLOPs of one LoRA step per token, counted as the speed bench counts them (see benches/speed.rs
-/// `lora_step_flops_per_token`): frozen products 4N (+2N per recomputed layer), lm_head 4x, attention
-/// 3x forward (+1x recomputed), LoRA 6P (+2P recomputed).
-fn step_flops_per_token(c: &ModelConfig, seq: usize, rank: usize, recomputed: usize) -> f64 {
-    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
-    let q = (c.num_heads * c.head_dim) as f64;
-    let kv = (c.num_kv_heads * c.head_dim) as f64;
-    let (visited, router) = match &c.moe {
-        Some(m) => (m.experts_per_token as f64, m.num_experts as f64 * h),
-        None => (1.0, 0.0),
-    };
-    let layers = c.num_layers as f64;
-    let n = layers * (2.0 * h * q + 2.0 * h * kv + visited * 3.0 * h * i + router);
-    let attention = 4.0 * layers * q * seq as f64 / 2.0;
-    let lora = layers * rank as f64 * ((h + q) * 2.0 + (h + kv) * 2.0 + visited * 3.0 * (h + i));
-    let share = recomputed.min(c.num_layers) as f64 / layers.max(1.0);
-    (4.0 + 2.0 * share) * n + 4.0 * c.vocab_size as f64 * h + (3.0 + share) * attention + (6.0 + 2.0 * share) * lora
 }
 
 /// GFLOP/s of one `[m, k] x [k, n]` product with f32 and with bf16 operands (best of 3).
@@ -167,7 +152,7 @@ fn measure(dir: &Path, shape: &str, c: &ModelConfig, dtype: DType, tokens: usize
         let out = forward_backward_keeping(&model, &params, &mb, &scaling, true, kept).expect("step");
         let secs = t.elapsed().as_secs_f64();
         let peak = peak_rss_bytes().unwrap_or(0);
-        let flops = step_flops_per_token(c, tokens, 16, c.num_layers - kept) * tokens as f64;
+        let flops = lora_step_flops_per_token(c, tokens, 16, c.num_layers - kept) * tokens as f64;
         let ratio = peak as f64 / predicted.total() as f64;
         println!(
             "{shape} {} {tokens} tokens {name} (keeps {kept} of {} layers): {secs:.1} s/step, {:.2} tok/s, {:.1} \

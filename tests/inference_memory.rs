@@ -300,57 +300,6 @@ fn serve_sizes_the_context_so_that_max_batch_size_sequences_fit() {
     assert!(err.contains("tokens per sequence, for 4 sequences at once (--max-batch-size 4)"), "{err}");
 }
 
-/// The tensors of a safetensors file (all f32) as bits, by name.
-fn read_bits(path: &Path) -> std::collections::HashMap<String, Vec<u32>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            (name, view.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-        })
-        .collect()
-}
-
-#[test]
-fn merge_with_keep_unquantized_leaves_those_linears_as_the_base_has_them() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = fixtures("models/tiny-mistral");
-    // A zero-weighted adapter: what is written is the base as the merge saw it.
-    let adapter = format!("{}:0", fixtures("adapters/peft-mistral").display());
-    let merge = |out: &Path, flags: &[&str]| {
-        let mut args = vec!["merge", "--model", model.to_str().unwrap(), "--adapter", &adapter];
-        args.extend(["--out", out.to_str().unwrap(), "--dtype", "f32", "--quantize", "nf4"]);
-        args.extend(flags);
-        Command::new(env!("CARGO_BIN_EXE_tramontane")).args(&args).output().unwrap()
-    };
-    let out = tmp.path().join("kept");
-    let o = merge(&out, &["--keep-unquantized", "attention,down"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let (merged, base) = (read_bits(&out.join("model.safetensors")), read_bits(&model.join("model.safetensors")));
-    let (mut kept, mut rounded) = (0, 0);
-    for (name, bits) in &base {
-        let module = name.trim_end_matches(".weight").rsplit('.').next().unwrap();
-        if module.ends_with("_proj") && !["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"].contains(&module) {
-            rounded += 1;
-            assert_ne!(&merged[name], bits, "{name}: NF4 rounding changes the weight");
-        } else {
-            kept += usize::from(module.ends_with("_proj"));
-            assert_eq!(&merged[name], bits, "{name}: kept bit for bit");
-        }
-    }
-    assert_eq!((kept, rounded), (2 * 5, 2 * 2), "attention and down_proj kept, gate and up rounded, 2 layers");
-    // Only with --quantize, and only the recipe's names.
-    let o = merge(&tmp.path().join("typo"), &["--keep-unquantized", "atention"]);
-    assert!(!o.status.success() && stderr(&o).contains("unknown layer `atention`"), "{}", stderr(&o));
-    let o = Command::new(env!("CARGO_BIN_EXE_tramontane"))
-        .args(["generate", "--model", model.to_str().unwrap(), "--prompt-ids", "1", "--keep-unquantized", "q"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success() && stderr(&o).contains("--quantize"), "{}", stderr(&o));
-}
-
 #[test]
 fn a_model_that_fits_nowhere_says_so() {
     let s = setup();

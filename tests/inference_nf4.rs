@@ -140,3 +140,44 @@ fn merge_with_quantize_nf4_merges_into_the_nf4_rounded_weights() {
     }
     assert_eq!(linears, 2 * 7, "every attention and MLP linear of the 2 layers");
 }
+
+#[test]
+fn merge_with_keep_unquantized_leaves_those_linears_as_the_base_has_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = repo("tests/fixtures/models/tiny-mistral");
+    // A zero-weighted adapter: what is written is the base as the merge saw it.
+    let adapter = format!("{}:0", repo("tests/fixtures/adapters/peft-mistral").display());
+    let merge = |out: &Path, flags: &[&str]| {
+        let mut args = vec!["merge", "--model", model.to_str().unwrap(), "--adapter", &adapter];
+        args.extend(["--out", out.to_str().unwrap(), "--dtype", "f32", "--quantize", "nf4"]);
+        args.extend(flags);
+        run(&args)
+    };
+    let out = tmp.path().join("kept");
+    let o = merge(&out, &["--keep-unquantized", "attention,down"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bits = |path: &Path| -> std::collections::HashMap<String, Vec<u32>> {
+        read_f32(path)
+            .into_iter()
+            .map(|(name, (_, values))| (name, values.iter().map(|v| v.to_bits()).collect()))
+            .collect()
+    };
+    let (merged, base) = (bits(&out.join("model.safetensors")), bits(&model.join("model.safetensors")));
+    let (mut kept, mut rounded) = (0, 0);
+    for (name, bits) in &base {
+        let module = name.trim_end_matches(".weight").rsplit('.').next().unwrap();
+        if module.ends_with("_proj") && !["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"].contains(&module) {
+            rounded += 1;
+            assert_ne!(&merged[name], bits, "{name}: NF4 rounding changes the weight");
+        } else {
+            kept += usize::from(module.ends_with("_proj"));
+            assert_eq!(&merged[name], bits, "{name}: kept bit for bit");
+        }
+    }
+    assert_eq!((kept, rounded), (2 * 5, 2 * 2), "attention and down_proj kept, gate and up rounded, 2 layers");
+    // Only with --quantize, and only the recipe's names.
+    let o = merge(&tmp.path().join("typo"), &["--keep-unquantized", "atention"]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown layer `atention`"), "{}", stderr(&o));
+    let o = run(&["generate", "--model", model.to_str().unwrap(), "--prompt-ids", "1", "--keep-unquantized", "q"]);
+    assert!(!o.status.success() && stderr(&o).contains("--quantize"), "{}", stderr(&o));
+}

@@ -10,53 +10,29 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use common::{max_abs_diff, model_dir};
+use common::{max_abs_diff, model_dir, Golden};
 use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings, RouterMode};
 use trainer::model::{load_model, LoadOptions, Model, Nf4Options};
 use trainer::train::{forward_backward, LossScaling, MicroBatch};
 
-struct Fixture {
-    tensors: HashMap<String, Tensor>,
-    json: serde_json::Value,
+fn fixture(kind: &str) -> Golden {
+    Golden::load_from(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bf16"), kind)
 }
 
-fn fixture(kind: &str) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bf16");
-    let tensors = candle_core::safetensors::load(dir.join(format!("{kind}.safetensors")), &Device::Cpu).unwrap();
-    let json = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{kind}.json"))).unwrap()).unwrap();
-    Fixture { tensors, json }
-}
-
-impl Fixture {
-    fn t(&self, key: &str) -> &Tensor {
-        self.tensors.get(key).unwrap_or_else(|| panic!("fixture has no `{key}`"))
-    }
-
-    fn prefixed(&self, prefix: &str) -> HashMap<String, Tensor> {
-        self.tensors.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone()))).collect()
-    }
-
-    fn f64(&self, key: &str) -> f64 {
-        self.json[key].as_f64().unwrap_or_else(|| panic!("fixture json has no number `{key}`"))
-    }
-
-    fn micro_batch(&self) -> MicroBatch {
-        let ids: Vec<u32> =
-            self.t("input_ids").flatten_all().unwrap().to_vec1::<i64>().unwrap().iter().map(|&x| x as u32).collect();
-        let labels = self.t("labels").flatten_all().unwrap().to_vec1::<i64>().unwrap();
-        MicroBatch {
-            batch: 1,
-            seq_len: ids.len(),
-            input_ids: ids,
-            labels,
-            positions: None,
-            documents: None,
-            valid: None,
-        }
+/// The fixture's one-row batch.
+fn micro_batch(f: &Golden) -> MicroBatch {
+    let ids = f.ids("input_ids");
+    MicroBatch {
+        batch: 1,
+        seq_len: ids.len(),
+        input_ids: ids,
+        labels: f.i64s("labels"),
+        positions: None,
+        documents: None,
+        valid: None,
     }
 }
 
@@ -92,13 +68,13 @@ fn check_against_references(kind: &str) {
     let settings = lora_settings(kind, 4, 8.0, RouterMode::Frozen);
     let params =
         attach_lora(&mut model, &LoraPlan::new(settings).unwrap(), &LoraInit::Tensors(f.prefixed("adapter."))).unwrap();
-    let mb = f.micro_batch();
+    let mb = micro_batch(&f);
 
     // Logits of the row.
     let ids = Tensor::from_vec(mb.input_ids.clone(), (1, mb.seq_len), &Device::Cpu).unwrap();
     let hidden = model.forward(&ids, Default::default(), None).unwrap().hidden;
     let logits = model.logits(&hidden).unwrap().squeeze(0).unwrap().to_dtype(DType::F32).unwrap();
-    let (want_bf16, want_f32) = (f.t("bf16.logits"), f.t("f32w.logits"));
+    let (want_bf16, want_f32) = (f.tensor("bf16.logits"), f.tensor("f32w.logits"));
     let spread = max_abs_diff(want_bf16, want_f32);
     assert!(spread > 0.0, "{kind}: the references agree exactly; the tolerance would be zero");
     let (to_bf16, to_f32) = (max_abs_diff(&logits, want_bf16), max_abs_diff(&logits, want_f32));

@@ -52,7 +52,7 @@ fn loss(y: &Tensor, c: &Tensor) -> Tensor {
 }
 
 /// NF4 forward equals `x @ dequant(W)^T` for 2-D and 3-D inputs (a 600x2000 weight and a small odd
-/// shape; products over several tiles are tested in `nf4_matmul`); inference (no gradient) gives the
+/// shape; products over several tiles are tested in `tiled_matmul`); inference (no gradient) gives the
 /// same values without attaching anything to the graph.
 #[test]
 fn nf4_forward_matches_dequantized_matmul() {

@@ -13,12 +13,12 @@
 //! without an f32 copy of its weights). Elsewhere a dense weight is used in its own dtype (`x` is
 //! converted to it and the result back to `x`'s dtype); an NF4 weight computes in f32 (`x` of dtype bf16/f16/f64 is converted to f32 and back, through
 //! differentiable conversions). Devices: the products run wherever candle runs (dense) or on the CPU
-//! (NF4; a GPU kernel would go into [`super::tiled_matmul::Nf4MatMul`]'s `cuda_fwd`). The bridge has only
+//! (NF4; a GPU kernel would go into [`TiledProduct`]'s `cuda_fwd`). The bridge has only
 //! a `cpu_fwd` (it copies `y`): training on a GPU needs its `cuda_fwd` too (a device copy), not written
 //! while the crate builds without candle's `cuda` feature. Inference needs no bridge.
 
 use super::nf4::Nf4Weight;
-use super::tiled_matmul::{HalfRows, Nf4MatMul, Nf4Product};
+use super::tiled_matmul::HalfRows;
 use crate::kernels::storage::with_matrix_f32;
 use crate::kernels::{frozen_gemm, DenseLinear, DenseProduct, MatRef};
 use candle_core::backend::BackendStorage;
@@ -190,7 +190,7 @@ impl FrozenWeight {
                     return x.contiguous()?.apply_op2_no_bwd(&w, &DenseLinear(product));
                 }
                 if x.dtype() == DType::F32 && x.device().is_cpu() && self.has_cpu_products() {
-                    return x.contiguous()?.apply_op1_no_bwd(&HalfWeightProduct { weight: self.clone(), transposed });
+                    return x.contiguous()?.apply_op1_no_bwd(&TiledProduct { weight: self.clone(), transposed });
                 }
                 let x2 = x.reshape((m, k))?;
                 let x2 = if x2.dtype() == w.dtype() { x2 } else { x2.to_dtype(w.dtype())? };
@@ -206,10 +206,9 @@ impl FrozenWeight {
                 if !x.device().is_cpu() {
                     bail!("frozen linear: the NF4 kernel runs on the CPU only, input is on {:?}", x.device())
                 }
-                let product = if transposed { Nf4Product::InputGrad } else { Nf4Product::Forward };
                 let x32 =
                     if x.dtype() == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
-                let y = x32.apply_op1_no_bwd(&Nf4MatMul { weight: w.clone(), product })?;
+                let y = x32.apply_op1_no_bwd(&TiledProduct { weight: FrozenWeight::Nf4(w.clone()), transposed })?;
                 if x.dtype() == DType::F32 {
                     Ok(y)
                 } else {
@@ -239,17 +238,22 @@ fn with_half_rows<R>(w: &Tensor, f: impl FnOnce(HalfRows<'_>) -> crate::Result<R
     }
 }
 
-/// `x W^T` or `g W` of an f32 input with a 16-bit dense weight on the CPU, expanded to f32 a tile of
-/// rows at a time (no backward: the frozen-linear bridge owns the gradient rule).
+/// `x W^T` (or `g W` when `transposed`) of an f32 input with a weight stored more compactly than f32
+/// (NF4, or dense bf16/f16) on the CPU, expanded to f32 a tile of rows at a time
+/// ([`super::tiled_matmul`]); no backward: the frozen-linear bridge owns the gradient rule.
 #[derive(Debug, Clone)]
-struct HalfWeightProduct {
+struct TiledProduct {
     weight: FrozenWeight,
     transposed: bool,
 }
 
-impl candle_core::CustomOp1 for HalfWeightProduct {
+impl candle_core::CustomOp1 for TiledProduct {
     fn name(&self) -> &'static str {
-        "half-weight-linear"
+        if self.transposed {
+            "tiled-linear-input-grad"
+        } else {
+            "tiled-linear-forward"
+        }
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -261,7 +265,9 @@ impl candle_core::CustomOp1 for HalfWeightProduct {
             bail!("{}: input {dims:?} does not end in {k}", self.name())
         }
         let m = x.len() / k.max(1);
-        let mut out = vec![0f32; m * n];
+        // The first tile of each product writes (accumulate = false) every value, so the output needs no
+        // zero fill unless there is no tile at all.
+        let mut out = if k > 0 && n > 0 { crate::kernels::storage::output_f32(m * n) } else { vec![0f32; m * n] };
         self.weight
             .slice_product(x, m, &mut out, self.transposed)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;

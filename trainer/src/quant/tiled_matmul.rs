@@ -3,16 +3,13 @@
 //! at a time into a scratch tile and multiplied with [`frozen_gemm`] (f32 or bf16 operands) straight
 //! into the destination, so no f32 copy of the whole weight ever exists.
 //!
-//! This file is the whole CPU path. [`Nf4MatMul`] is a candle `CustomOp1` so that a GPU kernel can be
-//! added as its `cuda_fwd` without touching the frozen-linear logic.
+//! This file is the whole CPU path; the candle op over it is the frozen linear's
+//! (`quant::frozen_linear`), where a GPU kernel would go as its `cuda_fwd`.
 
 use super::nf4::Nf4Weight;
 use crate::kernels::{frozen_gemm, MatRef};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::{bf16, f16};
 use std::ops::Range;
-use std::sync::Arc;
 
 /// A `[rows, cols]` weight that can write any block of its rows as f32.
 pub trait WeightRows: Sync {
@@ -92,15 +89,6 @@ impl WeightRows for HalfRows<'_> {
 /// Scratch floats per dequantized tile (64 MiB): 4096 rows of a 4096-column weight, so that packing the
 /// input once per tile is small next to the tile's product.
 pub const TILE_FLOATS: usize = 1 << 24;
-
-/// Which product [`Nf4MatMul`] computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Nf4Product {
-    /// `x [.., cols] -> x W^T [.., rows]` (a linear layer's forward).
-    Forward,
-    /// `g [.., rows] -> g W [.., cols]` (a linear layer's input gradient).
-    InputGrad,
-}
 
 /// Rows per dequantized tile of a `[rows, cols]` weight: as many whole rows as [`TILE_FLOATS`] holds, at
 /// least one and at most the weight. An empty weight (0 rows or 0 columns) has no tile: 0.
@@ -192,65 +180,6 @@ fn input_grad_tiled(w: &impl WeightRows, g: &[f32], m: usize, dx: &mut [f32], ti
         let g_cols = MatRef { data: &g[r0..], rows: m, cols: r1 - r0, row_stride: rows, col_stride: 1 };
         frozen_gemm(g_cols, MatRef::row_major(t, r1 - r0, cols), dx, cols, r0 > 0).map_err(crate::Error::Invalid)
     })
-}
-
-/// The NF4 products as a candle op (no backward: gradients are handled by the frozen-linear bridge).
-/// Input: a contiguous f32 tensor whose last dimension is `cols` (forward) or `rows` (input gradient).
-#[derive(Debug, Clone)]
-pub struct Nf4MatMul {
-    /// The quantized weight `[rows, cols]`.
-    pub weight: Arc<Nf4Weight>,
-    /// The product computed.
-    pub product: Nf4Product,
-}
-
-impl CustomOp1 for Nf4MatMul {
-    fn name(&self) -> &'static str {
-        match self.product {
-            Nf4Product::Forward => "nf4-linear-forward",
-            Nf4Product::InputGrad => "nf4-linear-input-grad",
-        }
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("{}: f32 input expected, found {:?}", self.name(), storage.dtype())
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("{}: contiguous input expected", self.name())
-        };
-        let x = &data[start..end];
-        let dims = layout.dims();
-        let Some(&last) = dims.last() else { candle_core::bail!("{}: input must have a dimension", self.name()) };
-        let w = &self.weight;
-        let (k, n) = match self.product {
-            Nf4Product::Forward => (w.cols(), w.rows()),
-            Nf4Product::InputGrad => (w.rows(), w.cols()),
-        };
-        if last != k {
-            candle_core::bail!(
-                "{}: last dimension {last} of {dims:?}, the weight [{}, {}] needs {k}",
-                self.name(),
-                w.rows(),
-                w.cols()
-            )
-        }
-        let m = x.len() / k;
-        // The first tile of each product writes (accumulate = false) every value, so the output needs no
-        // zero fill unless there is no tile at all.
-        let mut out =
-            if w.rows() > 0 && w.cols() > 0 { crate::kernels::storage::output_f32(m * n) } else { vec![0f32; m * n] };
-        let result = match self.product {
-            Nf4Product::Forward => forward_cpu(&**w, x, m, &mut out),
-            Nf4Product::InputGrad => input_grad_cpu(&**w, x, m, &mut out),
-        };
-        result.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let mut out_dims = dims.to_vec();
-        if let Some(l) = out_dims.last_mut() {
-            *l = n;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
-    }
 }
 
 #[cfg(test)]

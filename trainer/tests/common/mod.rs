@@ -19,7 +19,11 @@ pub struct Golden {
 
 impl Golden {
     pub fn load(name: &str) -> Golden {
-        let base = model_dir("golden");
+        Golden::load_from(&model_dir("golden"), name)
+    }
+
+    /// `<dir>/<name>.safetensors` and `<dir>/<name>.json`.
+    pub fn load_from(base: &std::path::Path, name: &str) -> Golden {
         let tensors = candle_core::safetensors::load(base.join(format!("{name}.safetensors")), &Device::Cpu).unwrap();
         let text = std::fs::read_to_string(base.join(format!("{name}.json"))).unwrap();
         Golden { tensors, json: serde_json::from_str(&text).unwrap() }
@@ -35,6 +39,11 @@ impl Golden {
 
     pub fn i64s(&self, key: &str) -> Vec<i64> {
         self.tensor(key).flatten_all().unwrap().to_vec1::<i64>().unwrap()
+    }
+
+    /// The tensors whose names start with `prefix`, without it.
+    pub fn prefixed(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.tensors.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v.clone()))).collect()
     }
 
     pub fn f64(&self, key: &str) -> f64 {
