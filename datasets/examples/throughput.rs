@@ -4,7 +4,9 @@
 //! cargo run --release -p datasets --example throughput [N]
 //! ```
 //! Uses the converted Mistral v3 tokenizer in tests/fixtures/tokenizers/ and writes a temporary Parquet file
-//! of N short two-turn chats (default 50 000, a list-of-structs `messages` column as pyarrow writes it).
+//! of N short two-turn chats (default 50 000, a list-of-structs `messages` column as pyarrow writes it); then
+//! encodes + packs the same chats with the tekken tokenizer in tests/fixtures/tekken/ (read natively, Nemo's
+//! vocabulary cut to 10000 ranks, v3 layout), one thread as above.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -70,35 +72,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // 1. encode + pack, from records in memory.
-    let t = Instant::now();
-    let file = Arc::new(PathBuf::from("memory"));
-    let mut encoded = Vec::with_capacity(n);
-    for (i, r) in records.iter().enumerate() {
-        let e = enc.encode_record(r, true).map_err(|p| p.to_string())?;
-        encoded.push((e, Origin { file: file.clone(), row: i as u64, is_line: false }));
-    }
-    let data = Arc::new(Dataset::from_examples(encoded));
-    let cfg = BatchConfig {
-        micro_batch_size: 4,
-        max_seq_len: 2048,
-        packing: true,
-        shuffle: true,
-        seed: 0,
-        pad_id: enc.eos_id(),
-        pad_to_multiple_of: 8,
-    };
-    let mut batches = Batches::new(data.clone(), cfg.clone())?;
-    let nb = batches.batches_in_epoch();
-    let mut tokens = 0usize;
-    for _ in 0..nb {
-        tokens += batches.next_batch().num_tokens();
-    }
-    let dt = t.elapsed().as_secs_f64();
-    println!(
-        "encode + pack + batch (records in memory): {n} chats, {tokens} tokens, {nb} batches in {dt:.2} s = {:.0} examples/s",
-        n as f64 / dt
-    );
-    println!("packing: {:?}", batches.packing_stats());
+    let cfg = encode_and_pack(&enc, &records, "sentencepiece v3")?;
+    let tekken = datasets::load_tokenizer(&root.join("tests/fixtures/tekken/tekken-base.json"))?;
+    let tekken_enc = Encoder::for_tokenizer(&tekken, PromptFormatChoice::Auto)?;
+    encode_and_pack(&tekken_enc, &records, "tekken v3")?;
 
     // 2. the whole path from a Parquet file.
     let dir = tempfile::tempdir()?;
@@ -125,6 +102,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n as f64 / dt
     );
     Ok(())
+}
+
+/// Encodes every record and packs them into batches, printing examples/s; returns the batch settings.
+fn encode_and_pack(enc: &Encoder, records: &[Record], label: &str) -> Result<BatchConfig, Box<dyn std::error::Error>> {
+    let n = records.len();
+    let t = Instant::now();
+    let file = Arc::new(PathBuf::from("memory"));
+    let mut encoded = Vec::with_capacity(n);
+    for (i, r) in records.iter().enumerate() {
+        let e = enc.encode_record(r, true).map_err(|p| p.to_string())?;
+        encoded.push((e, Origin { file: file.clone(), row: i as u64, is_line: false }));
+    }
+    let data = Arc::new(Dataset::from_examples(encoded));
+    let cfg = BatchConfig {
+        micro_batch_size: 4,
+        max_seq_len: 2048,
+        packing: true,
+        shuffle: true,
+        seed: 0,
+        pad_id: enc.eos_id(),
+        pad_to_multiple_of: 8,
+    };
+    let mut batches = Batches::new(data, cfg.clone())?;
+    let nb = batches.batches_in_epoch();
+    let mut tokens = 0usize;
+    for _ in 0..nb {
+        tokens += batches.next_batch().num_tokens();
+    }
+    let dt = t.elapsed().as_secs_f64();
+    println!(
+        "{label}: encode + pack + batch (records in memory, one thread): {n} chats, {tokens} tokens, {nb} batches in \
+         {dt:.2} s = {:.0} examples/s",
+        n as f64 / dt
+    );
+    println!("packing: {:?}", batches.packing_stats());
+    Ok(cfg)
 }
 
 fn write_parquet(path: &std::path::Path, n: usize) -> Result<(), Box<dyn std::error::Error>> {

@@ -4,7 +4,7 @@
 //! [data]
 //! files = ["train.parquet"]      # files and/or directories (every *.parquet, *.jsonl, *.json inside, sorted)
 //! format = "chat"                # text | instruct | chat | tools | tokens
-//! prompt_format = "auto"         # auto | v1 | v3
+//! prompt_format = "auto"         # auto | v1 | v2 | v3 | v7 | v11 | v13 | v15
 //! max_seq_len = 2048
 //! packing = true
 //! truncation = "drop"            # drop | truncate | error
@@ -34,8 +34,8 @@ pub struct DataConfig {
     pub dir: Option<PathBuf>,
     /// How rows are interpreted. Default `chat`.
     pub format: Format,
-    /// Mistral prompt format for `chat`, `tools` and `instruct` data. Default `auto` (from the tokenizer: `v3` when
-    /// `[INST]` is a control token, else `v1`).
+    /// Mistral prompt format for `chat`, `tools` and `instruct` data. Default `auto`: what the tokenizer declares
+    /// (see [`crate::prompt_format`]); an explicit format the tokenizer does not allow is an error.
     pub prompt_format: PromptFormatChoice,
     /// Column names (and message field names).
     pub columns: Columns,
@@ -173,12 +173,40 @@ impl Format {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PromptFormatChoice {
-    /// Detect from the tokenizer.
+    /// What the tokenizer declares (a tekken file's `config.version`, else its control tokens and chat template).
     Auto,
     /// Mistral v1: `[INST]` as text (Mistral 7B v0.1/v0.2, Mixtral 8x7B v0.1).
     V1,
-    /// Mistral v3: control tokens, tool calls and results with ids (Mistral 7B v0.3, Mixtral 8x22B).
+    /// Mistral v2: control tokens, tool calls without ids.
+    V2,
+    /// Mistral v3: control tokens, tool calls and results with ids (Mistral 7B v0.3, Mixtral 8x22B, Nemo).
     V3,
+    /// Mistral v7: `[SYSTEM_PROMPT]` in place (Mistral Small 3, Large 2411).
+    V7,
+    /// Mistral v11: `[TOOL_CALLS] name [CALL_ID] id [ARGS] arguments` (Mistral Small 3.1, Devstral).
+    V11,
+    /// Mistral v13: `[TOOL_CALLS] name [ARGS] arguments`, tools before the first user message (Mistral Small 3.2,
+    /// Magistral).
+    V13,
+    /// Mistral v15: v13 plus model settings (encoded without settings).
+    V15,
+}
+
+impl PromptFormatChoice {
+    /// The explicit format chosen (`None` for `auto`).
+    pub fn format(self) -> Option<crate::prompt_format::PromptFormat> {
+        use crate::prompt_format::PromptFormat as F;
+        Some(match self {
+            PromptFormatChoice::Auto => return None,
+            PromptFormatChoice::V1 => F::V1,
+            PromptFormatChoice::V2 => F::V2,
+            PromptFormatChoice::V3 => F::V3,
+            PromptFormatChoice::V7 => F::V7,
+            PromptFormatChoice::V11 => F::V11,
+            PromptFormatChoice::V13 => F::V13,
+            PromptFormatChoice::V15 => F::V15,
+        })
+    }
 }
 
 /// What to do with an example longer than `max_seq_len`.

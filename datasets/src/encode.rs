@@ -1,25 +1,30 @@
-//! Mistral prompt encoders (v1, v3) and loss masks, in code, matching mistral-common 1.13 token for token.
+//! Mistral prompt encoders (v1, v2, v3, v7, v11, v13, v15) and loss masks, in code, matching mistral-common 1.13
+//! token for token (proved by the golden fixtures in `tests/fixtures/datasets/` and `tests/fixtures/tekken/`).
 //!
-//! What mistral-common does, and so what we do (proved by the golden fixtures in `tests/fixtures/datasets/`):
+//! A conversation is validated ([`crate::validate`]) and normalized ([`crate::normalize`]) as mistral-common does,
+//! then each message is encoded as its version's instruct tokenizer encodes it:
 //!
-//! * **Normalization** (v1–v3): all system messages are joined with a blank line into one system prompt and removed
-//!   from the list; consecutive messages of the same role (and, for the assistant, the same weight) are merged (text
-//!   joined with a blank line, tool calls concatenated); tool messages are never merged; if the first remaining
-//!   message is not a user message, an empty user message is put first.
-//! * **v1**: `<s>`, then per user turn the text `"[INST] " + content + " [/INST]"` encoded as one piece (with the
-//!   system prompt and a blank line before the *first* user message's content), per assistant turn its text then
-//!   `</s>`. `[INST]` is plain text; v1 has no tools.
-//! * **v3**: `[INST]`, `[/INST]`, `[TOOL_CALLS]`, `[AVAILABLE_TOOLS]`, `[/AVAILABLE_TOOLS]`, `[TOOL_RESULTS]`,
-//!   `[/TOOL_RESULTS]` are control tokens. The system prompt goes before the content of the *last* user message
-//!   (not the first), and `[AVAILABLE_TOOLS] json [/AVAILABLE_TOOLS]` right before that message's `[INST]`.
-//!   Assistant text is right-stripped of spaces; tool calls are `[TOOL_CALLS]` + `[{"name": .., "arguments": ..,
-//!   "id": ..}]` then `</s>`; tool results are `[TOOL_RESULTS]` + `{"content": .., "call_id": ..}` +
-//!   `[/TOOL_RESULTS]`. JSON is written as Python's `json.dumps(..., ensure_ascii=False)`.
-//! * Every piece of text is encoded separately by the sentencepiece-style tokenizer (each gets its own dummy-prefix
-//!   space), and text that looks like a control token ("[INST]" typed by a user) stays text.
+//! * **v1**: `<s>`, per user turn the text `"[INST] " + content + " [/INST]"` as one piece (the system prompt and a
+//!   blank line before the *first* user message's content), per assistant turn its text then `</s>`. No tools.
+//! * **v2/v3**: `[INST]`, `[/INST]`, `[TOOL_CALLS]`, `[AVAILABLE_TOOLS]`, ... are control tokens. The system
+//!   prompt goes before the content of the *last* user message, `[AVAILABLE_TOOLS] json [/AVAILABLE_TOOLS]` right
+//!   before that message's `[INST]`. Assistant text is right-stripped of spaces. Tool calls are `[TOOL_CALLS]` +
+//!   `[{"name": .., "arguments": .., "id": ..}]` (v2: no id) then `</s>`; results are `[TOOL_RESULTS]` +
+//!   `{"content": .., "call_id": ..}` (v2: `[{"name": .., "content": ..}]`) + `[/TOOL_RESULTS]`. v2 drops tool
+//!   calls and results before the last user message.
+//! * **v7**: system messages stay in place as `[SYSTEM_PROMPT] text [/SYSTEM_PROMPT]`; an answer may hold text
+//!   then tool calls (v3's JSON list); results are `[TOOL_RESULTS] id [TOOL_CONTENT] content [/TOOL_RESULTS]`
+//!   with the content as given.
+//! * **v11**: each call is `[TOOL_CALLS] name [CALL_ID] id [ARGS] arguments-json`.
+//! * **v13/v15**: each call is `[TOOL_CALLS] name [ARGS] arguments-json`, results `[TOOL_RESULTS] content
+//!   [/TOOL_RESULTS]`, and the tool list goes before the *first* user message.
 //!
-//! **Loss mask**: assistant text, tool-call payloads (with `[TOOL_CALLS]`) and the closing `</s>` of each assistant
-//! turn are trained; `<s>`, user turns (with the system prompt and the tool list) and tool results are not; an
+//! JSON is written as Python's `json.dumps(..., ensure_ascii=False)`. Every piece of text is encoded separately
+//! (a sentencepiece tokenizer gives each its dummy-prefix space; tekken adds nothing), and text that looks like a
+//! control token ("[INST]" typed by a user) stays text.
+//!
+//! **Loss mask**: assistant text, tool-call payloads (with their control tokens) and the closing `</s>` of each
+//! assistant turn are trained; `<s>`, system, user turns (with the tool list) and tool results are not; an
 //! assistant message with `weight = 0` is not. This is mistral-finetune's rule. The first token of a document is
 //! never trained (nothing predicts it), so `loss_mask[0]` is always `false`.
 
@@ -28,41 +33,12 @@ use tokenizers::Tokenizer;
 use crate::config::PromptFormatChoice;
 use crate::error::{Error, Problem, Result};
 use crate::json::Json;
+use crate::normalize::normalize;
+use crate::prompt_format::{Declared, PromptFormat};
 use crate::record::{normalize_json_text, Conversation, Message, Record, Role, ToolCall};
-
-/// A Mistral instruct prompt format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptFormat {
-    /// `[INST]` as text; system prompt before the first user message; no tools.
-    V1,
-    /// Control tokens; system prompt and tools before the last user message; tool calls and results with ids.
-    V3,
-}
-
-impl PromptFormat {
-    /// "v1" or "v3".
-    pub fn name(self) -> &'static str {
-        match self {
-            PromptFormat::V1 => "v1",
-            PromptFormat::V3 => "v3",
-        }
-    }
-
-    /// Detects the format from a tokenizer: v3 when `[INST]` and `[TOOL_CALLS]` are single tokens, else v1.
-    /// Refuses tokenizers of later formats (with `[SYSTEM_PROMPT]`), which this encoder does not reproduce.
-    pub fn detect(tokenizer: &Tokenizer) -> Result<PromptFormat> {
-        if tokenizer.token_to_id("[SYSTEM_PROMPT]").is_some() {
-            return Err(Error::Tokenizer(
-                "this tokenizer has a [SYSTEM_PROMPT] token (Mistral prompt format v7 or later), which tramontane \
-                 does not encode; set data.prompt_format = \"v3\" to use the v3 layout anyway"
-                    .into(),
-            ));
-        }
-        let v3 = tokenizer.token_to_id("[INST]").is_some() && tokenizer.token_to_id("[TOOL_CALLS]").is_some();
-        Ok(if v3 { PromptFormat::V3 } else { PromptFormat::V1 })
-    }
-}
+use crate::shortcut::Shortcut;
+use crate::tokenizer_file::LoadedTokenizer;
+use crate::validate::{validate, Mode};
 
 /// Token ids and loss mask of one example (one document).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -104,8 +80,9 @@ impl Encoded {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct V3Tokens {
+/// The control tokens of a format (`None` where the format has no such token).
+#[derive(Debug, Clone, Copy, Default)]
+struct Controls {
     inst: u32,
     end_inst: u32,
     tool_calls: u32,
@@ -113,50 +90,11 @@ struct V3Tokens {
     end_tools: u32,
     results: u32,
     end_results: u32,
-}
-
-/// A shortcut for sentencepiece-style tokenizers (normalizer `Prepend("▁")` + `Replace(" ", "▁")`, no
-/// pre-tokenizer, BPE without dropout): normalize in place and call the BPE model directly, skipping the
-/// alignment tracking of the general pipeline — three times faster, same ids by construction. Not taken when the
-/// text contains a character that starts a non-special added token (those must be split out first).
-#[derive(Debug, Clone)]
-struct FastPath {
-    space: String,
-    guard: Vec<char>,
-}
-
-impl FastPath {
-    fn detect(tokenizer: &Tokenizer) -> Option<FastPath> {
-        use tokenizers::models::ModelWrapper;
-        if tokenizer.get_pre_tokenizer().is_some() {
-            return None;
-        }
-        match tokenizer.get_model() {
-            ModelWrapper::BPE(bpe) if bpe.dropout.is_none() => {}
-            _ => return None,
-        }
-        let norm = serde_json::to_value(tokenizer.get_normalizer()?).ok()?;
-        let space = "\u{2581}";
-        let want = serde_json::json!({
-            "type": "Sequence",
-            "normalizers": [
-                {"type": "Prepend", "prepend": space},
-                {"type": "Replace", "pattern": {"String": " "}, "content": space},
-            ]
-        });
-        if norm != want {
-            return None;
-        }
-        let mut guard: Vec<char> = tokenizer
-            .get_added_tokens_decoder()
-            .values()
-            .filter(|t| !t.special)
-            .filter_map(|t| t.content.chars().next())
-            .collect();
-        guard.sort_unstable();
-        guard.dedup();
-        Some(FastPath { space: space.to_string(), guard })
-    }
+    system: u32,
+    end_system: u32,
+    tool_content: u32,
+    args: u32,
+    call_id: u32,
 }
 
 /// Encodes records into token ids and loss masks with a Mistral prompt format.
@@ -169,9 +107,9 @@ pub struct Encoder {
     format: PromptFormat,
     bos: u32,
     eos: u32,
-    v3: Option<V3Tokens>,
+    controls: Controls,
     vocab_size: usize,
-    fast: Option<FastPath>,
+    fast: Option<Shortcut>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -181,26 +119,35 @@ impl std::fmt::Debug for Encoder {
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("vocab_size", &self.vocab_size)
-            .field("sentencepiece_shortcut", &self.fast.is_some())
+            .field("shortcut", &self.fast.as_ref().map(Shortcut::name))
             .finish()
     }
 }
 
-/// Whether a conversation is encoded for training (ends with the assistant) or as a prompt (ends with the user).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Train,
-    Prompt,
-}
-
 impl Encoder {
-    /// Builds an encoder for `tokenizer` with the chosen (or detected) prompt format.
+    /// Builds an encoder for `tokenizer` with the chosen prompt format, or the one its tokens suggest (`auto`; see
+    /// [`Declared::from_tokenizer_json`]). Prefer [`Encoder::for_tokenizer`], which knows what the file declares.
     pub fn new(tokenizer: &Tokenizer, choice: PromptFormatChoice) -> Result<Encoder> {
-        let format = match choice {
-            PromptFormatChoice::Auto => PromptFormat::detect(tokenizer)?,
-            PromptFormatChoice::V1 => PromptFormat::V1,
-            PromptFormatChoice::V3 => PromptFormat::V3,
+        let declared = Declared::from_tokenizer_json(tokenizer, None);
+        let format = match choice.format() {
+            None => declared.pick()?,
+            Some(f) => f,
         };
+        Encoder::with_format(tokenizer, format)
+    }
+
+    /// Builds an encoder for a loaded tokenizer: `auto` takes the format it declares, an explicit choice must be one
+    /// it allows (else the error names both).
+    pub fn for_tokenizer(loaded: &LoadedTokenizer, choice: PromptFormatChoice) -> Result<Encoder> {
+        let format = match choice.format() {
+            None => loaded.declared.pick()?,
+            Some(f) => loaded.declared.check(f)?,
+        };
+        Encoder::with_format(&loaded.tokenizer, format)
+    }
+
+    /// Builds an encoder for `tokenizer` in `format`, whatever the tokenizer declares.
+    pub fn with_format(tokenizer: &Tokenizer, format: PromptFormat) -> Result<Encoder> {
         let mut tokenizer = tokenizer.clone();
         tokenizer.set_encode_special_tokens(true);
         // Pieces are encoded one by one: a truncation or padding setting in tokenizer.json must not cut them.
@@ -214,23 +161,27 @@ impl Encoder {
                 ))
             })
         };
+        let opt = |t: &str, needed: bool| if needed { id(t) } else { Ok(0) };
         let bos = id("<s>")?;
         let eos = id("</s>")?;
-        let v3 = match format {
-            PromptFormat::V1 => None,
-            PromptFormat::V3 => Some(V3Tokens {
-                inst: id("[INST]")?,
-                end_inst: id("[/INST]")?,
-                tool_calls: id("[TOOL_CALLS]")?,
-                tools: id("[AVAILABLE_TOOLS]")?,
-                end_tools: id("[/AVAILABLE_TOOLS]")?,
-                results: id("[TOOL_RESULTS]")?,
-                end_results: id("[/TOOL_RESULTS]")?,
-            }),
+        let (v2, v7, v11) = (format >= PromptFormat::V2, format >= PromptFormat::V7, format >= PromptFormat::V11);
+        let controls = Controls {
+            inst: opt("[INST]", v2)?,
+            end_inst: opt("[/INST]", v2)?,
+            tool_calls: opt("[TOOL_CALLS]", v2)?,
+            tools: opt("[AVAILABLE_TOOLS]", v2)?,
+            end_tools: opt("[/AVAILABLE_TOOLS]", v2)?,
+            results: opt("[TOOL_RESULTS]", v2)?,
+            end_results: opt("[/TOOL_RESULTS]", v2)?,
+            system: opt("[SYSTEM_PROMPT]", v7)?,
+            end_system: opt("[/SYSTEM_PROMPT]", v7)?,
+            tool_content: opt("[TOOL_CONTENT]", v7)?,
+            args: opt("[ARGS]", v11)?,
+            call_id: opt("[CALL_ID]", v11)?,
         };
         let vocab_size = tokenizer.get_vocab_size(true);
-        let fast = FastPath::detect(&tokenizer);
-        Ok(Encoder { tokenizer, format, bos, eos, v3, vocab_size, fast })
+        let fast = Shortcut::detect(&tokenizer);
+        Ok(Encoder { tokenizer, format, bos, eos, controls, vocab_size, fast })
     }
 
     /// The prompt format in use.
@@ -253,7 +204,7 @@ impl Encoder {
         self.vocab_size
     }
 
-    /// `true` when the sentencepiece shortcut is used (see [`Encoder::encode_text`]).
+    /// `true` when a shortcut past the general tokenizer pipeline is used (see [`crate::shortcut`]).
     pub fn uses_shortcut(&self) -> bool {
         self.fast.is_some()
     }
@@ -263,30 +214,14 @@ impl Encoder {
         &self.tokenizer
     }
 
-    /// Encodes one piece of text as sentencepiece would (dummy-prefix space, no special tokens).
+    /// Encodes one piece of text as mistral-common does (sentencepiece: with its dummy-prefix space; tekken: as
+    /// is), control-token look-alikes as text.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, Problem> {
         if text.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(fast) = &self.fast {
-            if !text.chars().any(|c| fast.guard.binary_search(&c).is_ok()) {
-                use tokenizers::Model;
-                let mut norm = String::with_capacity(text.len() + 8);
-                norm.push_str(&fast.space);
-                for c in text.chars() {
-                    if c == ' ' {
-                        norm.push_str(&fast.space);
-                    } else {
-                        norm.push(c);
-                    }
-                }
-                return self
-                    .tokenizer
-                    .get_model()
-                    .tokenize(&norm)
-                    .map(|toks| toks.into_iter().map(|t| t.id).collect())
-                    .map_err(|e| Problem::invalid(format!("the tokenizer failed: {e}")));
-            }
+        if let Some(ids) = self.fast.as_ref().and_then(|f| f.encode(&self.tokenizer, text)) {
+            return ids.map_err(|e| Problem::invalid(format!("the tokenizer failed: {e}")));
         }
         self.encode_text_general(text)
     }
@@ -349,8 +284,11 @@ impl Encoder {
     }
 
     fn encode_conv(&self, conv: &Conversation, mode: Mode) -> Result<Encoded, Problem> {
-        validate(conv, self.format, mode)?;
-        let norm = normalize(conv)?;
+        use PromptFormat::*;
+        let f = self.format;
+        let t = self.controls;
+        validate(conv, f, mode)?;
+        let norm = normalize(conv, f)?;
         let first_user = norm.messages.iter().position(|m| m.role == Role::User);
         let last_user = norm.messages.iter().rposition(|m| m.role == Role::User);
         let system = norm.system.as_deref().filter(|s| !s.is_empty());
@@ -358,18 +296,21 @@ impl Encoder {
         out.input_ids.reserve(64);
         out.loss_mask.reserve(64);
         out.push(&[self.bos], false);
+        // v2 names a tool result after the call it answers (ids of the latest calls -> names).
+        let mut call_names: Vec<(Option<&str>, &str)> = Vec::new();
         for (i, m) in norm.messages.iter().enumerate() {
-            match (m.role, self.v3) {
-                (Role::User, None) => {
+            let before_last_user = last_user.is_some_and(|l| i < l);
+            match m.role {
+                Role::User if f == V1 => {
                     let text = match system {
                         Some(s) if Some(i) == first_user => format!("[INST] {s}\n\n{} [/INST]", m.content),
                         _ => format!("[INST] {} [/INST]", m.content),
                     };
                     out.push(&self.encode_text(&text)?, false);
                 }
-                (Role::User, Some(t)) => {
-                    let is_last = Some(i) == last_user;
-                    if is_last && !conv.tools.is_empty() {
+                Role::User => {
+                    let tools_here = if f >= V13 { Some(i) == first_user } else { Some(i) == last_user };
+                    if tools_here && !conv.tools.is_empty() {
                         let tools = Json::Array(conv.tools.iter().map(|t| t.to_json()).collect());
                         out.push(&[t.tools], false);
                         out.push(&self.encode_text(&tools.to_python_string())?, false);
@@ -377,26 +318,53 @@ impl Encoder {
                     }
                     out.push(&[t.inst], false);
                     let ids = match system {
-                        Some(s) if is_last => self.encode_text(&format!("{s}\n\n{}", m.content))?,
+                        Some(s) if Some(i) == last_user => self.encode_text(&format!("{s}\n\n{}", m.content))?,
                         _ => self.encode_text(&m.content)?,
                     };
                     out.push(&ids, false);
                     out.push(&[t.end_inst], false);
                 }
-                (Role::Assistant, v3) => {
+                Role::System => {
+                    out.push(&[t.system], false);
+                    out.push(&self.encode_text(&m.content)?, false);
+                    out.push(&[t.end_system], false);
+                }
+                Role::Assistant => {
                     let trained = m.weight != Some(0.0);
-                    match v3 {
-                        Some(t) if !m.tool_calls.is_empty() => {
-                            let calls = Json::Array(m.tool_calls.iter().map(call_json).collect());
-                            out.push(&[t.tool_calls], trained);
-                            out.push(&self.encode_text(&calls.to_python_string())?, trained);
+                    if f == V2 && !m.tool_calls.is_empty() {
+                        call_names = m.tool_calls.iter().map(|c| (c.id.as_deref(), c.name.as_str())).collect();
+                        if before_last_user {
+                            continue;
                         }
-                        Some(_) => out.push(&self.encode_text(m.content.trim_end_matches(' '))?, trained),
-                        None => out.push(&self.encode_text(&m.content)?, trained),
+                    }
+                    if !m.content.is_empty() {
+                        let text = if f == V1 { m.content.as_str() } else { m.content.trim_end_matches(' ') };
+                        out.push(&self.encode_text(text)?, trained);
+                    }
+                    if !m.tool_calls.is_empty() {
+                        self.push_calls(&mut out, &m.tool_calls, trained)?;
                     }
                     out.push(&[self.eos], trained);
                 }
-                (Role::Tool, Some(t)) => {
+                Role::Tool if f == V2 => {
+                    if before_last_user {
+                        continue;
+                    }
+                    let id = m.tool_call_id.as_deref();
+                    let name = call_names
+                        .iter()
+                        .find(|(cid, _)| id.is_some() && *cid == id)
+                        .or(if call_names.len() == 1 { call_names.first() } else { None })
+                        .map_or(Json::Null, |(_, n)| Json::Str(n.to_string()));
+                    let result = Json::Array(vec![Json::Object(vec![
+                        ("name".into(), name),
+                        ("content".into(), normalize_json_text(&m.content)),
+                    ])]);
+                    out.push(&[t.results], false);
+                    out.push(&self.encode_text(&result.to_python_string())?, false);
+                    out.push(&[t.end_results], false);
+                }
+                Role::Tool if f == V3 => {
                     let result = Json::Object(vec![
                         ("content".into(), normalize_json_text(&m.content)),
                         ("call_id".into(), Json::Str(m.tool_call_id.clone().unwrap_or_default())),
@@ -405,249 +373,53 @@ impl Encoder {
                     out.push(&self.encode_text(&result.to_python_string())?, false);
                     out.push(&[t.end_results], false);
                 }
-                // Rejected by `validate`.
-                (Role::Tool, None) | (Role::System, _) => {}
+                Role::Tool => {
+                    out.push(&[t.results], false);
+                    if f < V13 {
+                        out.push(&self.encode_text(m.tool_call_id.as_deref().unwrap_or_default())?, false);
+                        out.push(&[t.tool_content], false);
+                    }
+                    out.push(&self.encode_text(&m.content)?, false);
+                    out.push(&[t.end_results], false);
+                }
             }
         }
         Ok(out)
     }
+
+    /// The tool calls of one assistant message, in the format's layout.
+    fn push_calls(&self, out: &mut Encoded, calls: &[ToolCall], trained: bool) -> Result<(), Problem> {
+        let t = self.controls;
+        if self.format < PromptFormat::V11 {
+            let with_id = self.format >= PromptFormat::V3;
+            let calls = Json::Array(calls.iter().map(|c| call_json(c, with_id)).collect());
+            out.push(&[t.tool_calls], trained);
+            out.push(&self.encode_text(&calls.to_python_string())?, trained);
+            return Ok(());
+        }
+        for c in calls {
+            out.push(&[t.tool_calls], trained);
+            out.push(&self.encode_text(&c.name)?, trained);
+            if self.format == PromptFormat::V11 {
+                if let Some(id) = c.id.as_deref().filter(|id| !id.is_empty() && *id != "null") {
+                    out.push(&[t.call_id], trained);
+                    out.push(&self.encode_text(id)?, trained);
+                }
+            }
+            out.push(&[t.args], trained);
+            out.push(&self.encode_text(&c.arguments.to_python_string())?, trained);
+        }
+        Ok(())
+    }
 }
 
-/// `{"name": .., "arguments": .., "id": ..}`; the id is left out when absent or "null" (mistral-common's rule).
-fn call_json(c: &ToolCall) -> Json {
+/// `{"name": .., "arguments": .., "id": ..}`; the id is left out when absent or "null" (mistral-common's rule), and
+/// always in v2.
+fn call_json(c: &ToolCall, with_id: bool) -> Json {
     let mut fields =
         vec![("name".to_string(), Json::Str(c.name.clone())), ("arguments".to_string(), c.arguments.clone())];
-    if let Some(id) = c.id.as_deref().filter(|id| !id.is_empty() && *id != "null") {
+    if let Some(id) = c.id.as_deref().filter(|id| with_id && !id.is_empty() && *id != "null") {
         fields.push(("id".to_string(), Json::Str(id.to_string())));
     }
     Json::Object(fields)
-}
-
-fn is_function_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-fn is_call_id(s: &str) -> bool {
-    s.len() == 9 && s.bytes().all(|b| b.is_ascii_alphanumeric())
-}
-
-/// mistral-common's request validation (finetuning mode for training, test mode for prompts), plus one stricter
-/// rule: a tool result must answer a call of the preceding assistant message by id.
-fn validate(conv: &Conversation, format: PromptFormat, mode: Mode) -> Result<(), Problem> {
-    let msgs = &conv.messages;
-    let at = |i: usize| format!("message {i}");
-    let Some(last) = msgs.last() else {
-        return Err(Problem::invalid("the conversation has no messages"));
-    };
-    match mode {
-        Mode::Train if last.role != Role::Assistant => {
-            return Err(Problem::invalid(format!(
-                "the conversation ends with a {} message; a training conversation must end with an assistant message",
-                last.role.name()
-            )))
-        }
-        Mode::Prompt if !matches!(last.role, Role::User | Role::Tool) => {
-            return Err(Problem::invalid(format!(
-                "a prompt must end with a user or tool message, not {}",
-                last.role.name()
-            )))
-        }
-        _ => {}
-    }
-    if format == PromptFormat::V1 && !conv.tools.is_empty() {
-        return Err(Problem::invalid(
-            "prompt format v1 has no tools; use a v3 tokenizer / data.prompt_format = \"v3\"",
-        ));
-    }
-    for t in &conv.tools {
-        if !is_function_name(&t.name) {
-            return Err(Problem::invalid(format!(
-                "tool name `{}` must be 1 to 64 characters a-z, A-Z, 0-9, _ or -",
-                t.name
-            )));
-        }
-    }
-    let mut prev: Option<Role> = None;
-    // Ids of the latest assistant tool calls not yet answered, and answered.
-    let mut pending: Vec<&str> = Vec::new();
-    let mut answered: Vec<&str> = Vec::new();
-    let mut expected_results = 0usize;
-    for (i, m) in msgs.iter().enumerate() {
-        if let Some(p) = prev {
-            let ok = match p {
-                Role::System => matches!(m.role, Role::User | Role::Assistant | Role::System),
-                Role::User => matches!(m.role, Role::Assistant | Role::System | Role::User),
-                Role::Assistant => matches!(m.role, Role::Assistant | Role::User | Role::Tool),
-                Role::Tool => matches!(m.role, Role::Assistant | Role::Tool | Role::User),
-            };
-            if !ok {
-                let why =
-                    if m.role == Role::Tool { " (a tool result must follow the assistant's tool call)" } else { "" };
-                return Err(Problem::invalid(format!(
-                    "{}: {} message cannot follow {} message{why}",
-                    at(i),
-                    m.role.with_article(),
-                    p.with_article()
-                )));
-            }
-        } else if msgs.len() == 1 && !matches!(m.role, Role::User | Role::System) {
-            return Err(Problem::invalid("a one-message conversation must be a user or system message"));
-        }
-        match m.role {
-            Role::Assistant => {
-                if answered.len() < expected_results && i > 0 {
-                    return Err(Problem::invalid(format!(
-                        "{}: the assistant speaks before all {} tool calls got a result ({} did)",
-                        at(i),
-                        expected_results,
-                        answered.len()
-                    )));
-                }
-                let has_text = !m.content.is_empty();
-                let has_calls = !m.tool_calls.is_empty();
-                if has_calls && format == PromptFormat::V1 {
-                    return Err(Problem::invalid(format!(
-                        "{}: prompt format v1 has no tool calls; use a v3 tokenizer / data.prompt_format = \"v3\"",
-                        at(i)
-                    )));
-                }
-                if has_text == has_calls {
-                    return Err(Problem::invalid(format!(
-                        "{}: an assistant message needs either content or tool_calls{}",
-                        at(i),
-                        if has_text { ", not both" } else { " (it has neither)" }
-                    )));
-                }
-                pending.clear();
-                answered.clear();
-                expected_results = m.tool_calls.len();
-                let is_last = i + 1 == msgs.len();
-                for (j, c) in m.tool_calls.iter().enumerate() {
-                    if !is_function_name(&c.name) {
-                        return Err(Problem::invalid(format!(
-                            "{} tool_calls[{j}]: function name `{}` must be 1 to 64 characters a-z, A-Z, 0-9, _ or -",
-                            at(i),
-                            c.name
-                        )));
-                    }
-                    match c.id.as_deref() {
-                        Some(id) if is_call_id(id) => {
-                            if pending.contains(&id) {
-                                return Err(Problem::invalid(format!(
-                                    "{} tool_calls[{j}]: duplicate id `{id}`",
-                                    at(i)
-                                )));
-                            }
-                            pending.push(id);
-                        }
-                        None | Some("null") if is_last && mode == Mode::Train => {}
-                        None | Some("null") => {
-                            return Err(Problem::invalid(format!(
-                                "{} tool_calls[{j}]: the call has no id (only the final message may omit it)",
-                                at(i)
-                            )))
-                        }
-                        Some(id) => {
-                            return Err(Problem::invalid(format!(
-                                "{} tool_calls[{j}]: id `{id}` must be 9 characters a-z, A-Z, 0-9",
-                                at(i)
-                            )))
-                        }
-                    }
-                }
-            }
-            Role::Tool => {
-                if format == PromptFormat::V1 {
-                    return Err(Problem::invalid(format!(
-                        "{}: prompt format v1 has no tool messages; use a v3 tokenizer / data.prompt_format = \"v3\"",
-                        at(i)
-                    )));
-                }
-                let Some(id) = m.tool_call_id.as_deref() else {
-                    return Err(Problem::invalid(format!("{}: a tool result needs a `tool_call_id`", at(i))));
-                };
-                if !is_call_id(id) {
-                    return Err(Problem::invalid(format!(
-                        "{}: tool_call_id `{id}` must be 9 characters a-z, A-Z, 0-9",
-                        at(i)
-                    )));
-                }
-                if answered.contains(&id) {
-                    return Err(Problem::invalid(format!("{}: a second result for tool call `{id}`", at(i))));
-                }
-                if !pending.contains(&id) {
-                    let known = if pending.is_empty() { "none".to_string() } else { pending.join(", ") };
-                    return Err(Problem::invalid(format!(
-                        "{}: tool result for id `{id}` matches no call of the preceding assistant message (call ids: \
-                         {known})",
-                        at(i)
-                    )));
-                }
-                answered.push(id);
-            }
-            // Unanswered calls are tolerated until the next assistant message (mistral-common's rule).
-            Role::User | Role::System => {}
-        }
-        prev = Some(m.role);
-    }
-    Ok(())
-}
-
-/// A conversation after mistral-common's v1–v3 normalization.
-struct Normalized {
-    system: Option<String>,
-    messages: Vec<Message>,
-}
-
-fn join_nonempty<'a>(parts: impl Iterator<Item = &'a str>) -> String {
-    let mut out = String::new();
-    for p in parts.filter(|p| !p.is_empty()) {
-        if !out.is_empty() {
-            out.push_str("\n\n");
-        }
-        out.push_str(p);
-    }
-    out
-}
-
-fn normalize(conv: &Conversation) -> Result<Normalized, Problem> {
-    let msgs = &conv.messages;
-    let system_parts: Vec<&str> =
-        msgs.iter().filter(|m| m.role == Role::System && !m.content.is_empty()).map(|m| m.content.as_str()).collect();
-    let system = if system_parts.is_empty() { None } else { Some(system_parts.join("\n\n")) };
-    let mut out: Vec<Message> = Vec::with_capacity(msgs.len());
-    let mut i = 0;
-    while i < msgs.len() {
-        let role = msgs[i].role;
-        let weight = msgs[i].weight;
-        let mut j = i + 1;
-        while j < msgs.len() && msgs[j].role == role && msgs[j].weight == weight {
-            j += 1;
-        }
-        let group = &msgs[i..j];
-        match role {
-            Role::System => {}
-            Role::Tool => out.extend(group.iter().cloned()),
-            Role::User => {
-                out.push(Message::new(Role::User, join_nonempty(group.iter().map(|m| m.content.as_str()))));
-            }
-            Role::Assistant => {
-                let content = join_nonempty(group.iter().map(|m| m.content.as_str()));
-                let tool_calls: Vec<ToolCall> = group.iter().flat_map(|m| m.tool_calls.iter().cloned()).collect();
-                if !content.is_empty() && !tool_calls.is_empty() {
-                    return Err(Problem::invalid(format!(
-                        "messages {i} to {}: consecutive assistant messages merge into one with both text and tool \
-                         calls, which this prompt format cannot encode",
-                        j - 1
-                    )));
-                }
-                out.push(Message { role, content, weight, tool_calls, tool_call_id: None });
-            }
-        }
-        i = j;
-    }
-    if out.first().is_none_or(|m| m.role != Role::User) {
-        out.insert(0, Message::new(Role::User, ""));
-    }
-    Ok(Normalized { system, messages: out })
 }

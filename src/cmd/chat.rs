@@ -50,9 +50,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
     };
     let loaded = base_args.load(true, &demand)?;
     let context = loaded.context;
-    let tokenizer = loaded.tokenizer.context("chat needs tokenizer.json")?;
-    let encoder = datasets::Encoder::new(&tokenizer.inner, datasets::PromptFormatChoice::Auto)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tokenizer = loaded.tokenizer.context("chat needs tokenizer.json or tekken.json")?;
+    let encoder = tokenizer.encoder(datasets::PromptFormatChoice::Auto)?;
     let base = loaded.model;
     let mut adapter_args = args.model.adapter.clone();
     let mut model = with_adapters(&base, &adapter_args)?;

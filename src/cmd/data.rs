@@ -53,14 +53,10 @@ fn run_inner(args: DataArgs) -> Result<()> {
         trainer::model::builtin::ensure(name, &recipe.model.path)?;
     }
     let tok_path = recipe.tokenizer_path();
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| {
-            format!(
-                "reading the tokenizer {} (from model.path; set model.tokenizer to use another)",
-                tok_path.display()
-            )
-        })?;
-    let encoder = Encoder::new(&tokenizer, recipe.data.prompt_format)?;
+    let tokenizer = datasets::load_tokenizer(&tok_path).with_context(|| {
+        format!("reading the tokenizer {} (from model.path; set model.tokenizer to use another)", tok_path.display())
+    })?;
+    let encoder = Encoder::for_tokenizer(&tokenizer, recipe.data.prompt_format)?;
     let data = datasets::load(&recipe.data, &encoder, recipe.train.seed)?;
     let shown = if args.eval {
         data.eval.clone().context("the recipe has no eval split (set data.eval_fraction or data.eval_files)")?

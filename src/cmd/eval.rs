@@ -147,7 +147,7 @@ fn run_dataset(args: &EvalArgs) -> Result<()> {
         extra_adapters: args.model.adapter.iter().map(PathBuf::from).collect(),
     };
     let loaded = base_args.load(true, &demand)?;
-    let tokenizer = loaded.tokenizer.context("--data needs tokenizer.json")?;
+    let tokenizer = loaded.tokenizer.context("--data needs tokenizer.json or tekken.json")?;
     let format: datasets::Format = serde_json::from_value(serde_json::json!(args.format))
         .map_err(|_| anyhow::anyhow!("--format `{}`: expected text, instruct, chat, tools or tokens", args.format))?;
     let config = datasets::DataConfig {
@@ -157,7 +157,7 @@ fn run_dataset(args: &EvalArgs) -> Result<()> {
         eval_fraction: args.held_out.unwrap_or(0.0),
         ..datasets::DataConfig::default()
     };
-    let encoder = datasets::Encoder::new(&tokenizer.inner, config.prompt_format).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let encoder = tokenizer.encoder(config.prompt_format)?;
     let data = datasets::load(&config, &encoder, args.seed).map_err(|e| anyhow::anyhow!("{e}"))?;
     let dataset = if args.held_out.is_some() { data.eval.context("no held-out examples")? } else { data.train };
     let eos = tokenizer.eos_ids.clone();

@@ -695,9 +695,10 @@ impl Recipe {
         format!("# Resolved tramontane recipe{from}: defaults filled in, paths absolute.\n\n{body}")
     }
 
-    /// The tokenizer file: `model.tokenizer`, or `tokenizer.json` in the model directory.
+    /// The tokenizer file: `model.tokenizer`, or the model directory's `tekken.json` when it has one, else its
+    /// `tokenizer.json`.
     pub fn tokenizer_path(&self) -> PathBuf {
-        self.model.tokenizer.clone().unwrap_or_else(|| self.model.path.join("tokenizer.json"))
+        self.model.tokenizer.clone().unwrap_or_else(|| datasets::tokenizer_in_dir(&self.model.path))
     }
 
     /// Batch settings for the training stream.
@@ -1298,7 +1299,7 @@ max_steps = 100
             .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "recipe.toml:4: `model.builtin`: expected one of tiny-mixtral, found `tiny-mistral` (did you mean \
+            "recipe.toml:4: `model.builtin`: expected one of tiny-mixtral, tiny-nemo, found `tiny-mistral` (did you mean \
              `tiny-mixtral`?)"
         );
         let e = parse(&format!("{GOOD}\n[lora.rank_pattern]\n'q_proj(' = 4\n"), &[]).unwrap_err();

@@ -123,27 +123,25 @@ pub(super) fn conversation(body: &datasets::Json) -> Result<datasets::Conversati
     Ok(datasets::Conversation { messages, tools })
 }
 
-/// Parses the payload after `[TOOL_CALLS]` (`[{"name": .., "arguments": {..}}, ..]`) into OpenAI `tool_calls`
-/// (arguments as a JSON string, ids `call_<request>_<i>`); `None` when it is not such a list.
-pub(super) fn parse_tool_calls(text: &str, request: u64) -> Option<Vec<Value>> {
-    let value: Value = serde_json::from_str(text.trim()).ok()?;
-    let list = match value {
-        Value::Array(list) => list,
-        one @ Value::Object(_) => vec![one],
-        _ => return None,
-    };
-    let mut calls = Vec::with_capacity(list.len());
-    for (i, call) in list.iter().enumerate() {
-        let name = call.get("name")?.as_str()?;
-        let arguments = match call.get("arguments") {
-            None | Some(Value::Null) => "{}".to_string(),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-        };
-        calls.push(json!({"index": i, "id": format!("call_{request}_{i}"), "type": "function",
-            "function": {"name": name, "arguments": arguments}}));
-    }
-    (!calls.is_empty()).then_some(calls)
+/// The OpenAI `tool_calls` (arguments as JSON text, ids the model's own or `call_<request>_<i>`) and the text
+/// before them, read from generated `ids` in the model's prompt format; `None` when the answer holds no tool call.
+pub(super) fn tool_calls_of(
+    encoder: &datasets::Encoder,
+    ids: &[u32],
+    request: u64,
+) -> Option<(Option<String>, Vec<Value>)> {
+    let answer = encoder.parse_answer(ids)?;
+    let calls = answer
+        .tool_calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let id = c.id.clone().unwrap_or_else(|| format!("call_{request}_{i}"));
+            json!({"index": i, "id": id, "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments}})
+        })
+        .collect();
+    Some(((!answer.content.is_empty()).then_some(answer.content), calls))
 }
 
 #[cfg(test)]
@@ -154,15 +152,21 @@ mod tests {
 
     #[test]
     fn tool_call_payloads_become_openai_tool_calls() {
-        let calls = parse_tool_calls(r#" [{"name": "get_weather", "arguments": {"city": "Paris"}}] "#, 7).unwrap();
-        assert_eq!(calls[0]["id"], "call_7_0");
-        assert_eq!(calls[0]["type"], "function");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/mistral-v3.tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let encoder = datasets::Encoder::new(&tokenizer, datasets::PromptFormatChoice::Auto).unwrap();
+        let calls_id = tokenizer.token_to_id("[TOOL_CALLS]").unwrap();
+        let ids =
+            |text: &str| -> Vec<u32> { [calls_id].into_iter().chain(encoder.encode_text(text).unwrap()).collect() };
+        let (content, calls) =
+            tool_calls_of(&encoder, &ids(r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}]"#), 7).unwrap();
+        assert_eq!(content, None);
         assert_eq!(calls[0]["function"]["name"], "get_weather");
-        let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
-        assert_eq!(args, json!({"city": "Paris"}));
-        assert!(parse_tool_calls("Arr, no tools here", 1).is_none());
-        assert!(parse_tool_calls("[]", 1).is_none());
-        assert!(parse_tool_calls(r#"[{"arguments": {}}]"#, 1).is_none());
+        assert_eq!(calls[0]["function"]["arguments"], r#"{"city":"Paris"}"#);
+        assert_eq!(calls[0]["id"], "call_7_0");
+        assert!(tool_calls_of(&encoder, &encoder.encode_text("Arr, no tools here").unwrap(), 1).is_none());
+        assert!(tool_calls_of(&encoder, &ids("[]"), 1).is_none());
+        assert!(tool_calls_of(&encoder, &ids(r#"[{"arguments": {}}]"#), 1).is_none());
     }
 
     #[test]

@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use trainer::infer::{GenerateRequest, GenerationDefaults, SamplingOverrides, StopReason};
 use trainer::model::{Model, ModelTokenizer};
 
-use self::api::{chat_prompt_ids, parse_body, parse_object, parse_tool_calls, read_body, ApiError};
+use self::api::{chat_prompt_ids, parse_body, parse_object, read_body, tool_calls_of, ApiError};
 use self::metrics::Metrics;
 use self::worker::{GenerateJob, Job, Worker, WorkerEvent};
 use super::model_args::{ContextNeed, Demand, LoadArgs, ModelArgs};
@@ -162,8 +162,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let eos_ids =
         if defaults.eos_token_ids.is_empty() { tokenizer.eos_ids.clone() } else { defaults.eos_token_ids.clone() };
     models.insert(base_name, base.clone());
-    let encoder = datasets::Encoder::new(&tokenizer.inner, datasets::PromptFormatChoice::Auto)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let encoder = tokenizer.encoder(datasets::PromptFormatChoice::Auto)?;
 
     let metrics = Arc::new(Metrics::default());
     let (queue, jobs) = mpsc::unbounded_channel::<Job>();
@@ -353,13 +352,14 @@ async fn handle(
                     Some(WorkerEvent::Text(t)) => {
                         let _ = tx.send(Ok(chunk(json!({"content": t}), None)));
                     }
-                    Some(WorkerEvent::Done { text, stop, tool_call, .. }) => {
+                    Some(WorkerEvent::Done { text, ids, stop, tool_call }) => {
                         let mut finish = finish_reason(stop);
                         if has_tools {
-                            let delta = match tool_call.then(|| parse_tool_calls(&text, id_num)).flatten() {
-                                Some(calls) => {
+                            let parsed = tool_call.then(|| tool_calls_of(&state2.encoder, &ids, id_num)).flatten();
+                            let delta = match parsed {
+                                Some((content, calls)) => {
                                     finish = "tool_calls";
-                                    json!({"tool_calls": calls})
+                                    json!({"content": content, "tool_calls": calls})
                                 }
                                 None => json!({"content": text}),
                             };
@@ -406,8 +406,10 @@ async fn handle(
         "total_tokens": prompt_tokens + completion_tokens});
     let mut finish = finish_reason(stop);
     let mut message = json!({"role": "assistant", "content": text});
-    if let Some(calls) = (has_tools && tool_call).then(|| parse_tool_calls(&text, id_num)).flatten() {
-        message = json!({"role": "assistant", "content": null, "tool_calls": calls});
+    if let Some((content, calls)) =
+        (has_tools && tool_call).then(|| tool_calls_of(&state.encoder, &ids, id_num)).flatten()
+    {
+        message = json!({"role": "assistant", "content": content, "tool_calls": calls});
         finish = "tool_calls";
     }
     let mut body = match kind {

@@ -271,7 +271,8 @@ impl Worker {
     /// Reports a finished sequence.
     fn complete(&self, active: Active) {
         let generation = active.seq.into_generation();
-        let tool_call = self.tool_calls_id.is_some_and(|t| generation.ids.first() == Some(&t));
+        // v7 and later may write text before the calls.
+        let tool_call = self.tool_calls_id.is_some_and(|t| generation.ids.contains(&t));
         self.metrics.request_latency.observe(active.received.elapsed());
         self.metrics.completion_tokens.fetch_add(generation.ids.len() as u64, Ordering::Relaxed);
         let _ = active.events.send(WorkerEvent::Done {

@@ -211,7 +211,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
             if eos_ids.is_empty() {
                 eos_ids.extend(inner.token_to_id("</s>"));
             }
-            Some(ModelTokenizer { inner, path: path.to_path_buf(), bos_id: config.bos_token_id, eos_ids })
+            let declared = datasets::Declared::from_tokenizer_json(&inner, None);
+            Some(ModelTokenizer { inner, path: path.to_path_buf(), bos_id: config.bos_token_id, eos_ids, declared })
         }
         _ => None,
     };

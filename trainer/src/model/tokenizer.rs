@@ -1,4 +1,5 @@
-//! The model's `tokenizer.json` (via the `tokenizers` crate), checked against the model config.
+//! The model's tokenizer — `tekken.json` (read natively by `datasets::tekken`) or `tokenizer.json` (via the
+//! `tokenizers` crate) — checked against the model config, with the prompt format it declares.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,9 @@ pub struct ModelTokenizer {
     pub bos_id: Option<u32>,
     /// End-of-sequence ids (config / generation config, else the tokenizer's `</s>`).
     pub eos_ids: Vec<u32>,
+    /// The prompt formats the tokenizer declares (a tekken file's `config.version`, else its tokens and
+    /// `tokenizer_config.json`).
+    pub declared: datasets::Declared,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -27,15 +31,17 @@ impl std::fmt::Debug for ModelTokenizer {
 }
 
 impl ModelTokenizer {
-    /// Loads `dir/tokenizer.json` and checks it fits the model: every token id must have an
-    /// embedding row, and the config's BOS/EOS ids must exist in the vocabulary.
+    /// Loads the model directory's tokenizer (`tekken.json` when there is one, else `tokenizer.json`) and checks
+    /// it fits the model: every token id must have an embedding row, and the config's BOS/EOS ids must exist in the
+    /// vocabulary.
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
+        let path = datasets::tokenizer_in_dir(dir);
         if !path.exists() {
-            return Err(Error::format(&path, "not found (the model directory needs a tokenizer.json)"));
+            return Err(Error::format(&path, "not found (the model directory needs a tokenizer.json or tekken.json)"));
         }
-        let inner =
-            Tokenizer::from_file(&path).map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        let loaded =
+            datasets::load_tokenizer(&path).map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        let (inner, declared) = (loaded.tokenizer, loaded.declared);
         let vocab = inner.get_vocab_size(true);
         if vocab > config.vocab_size {
             return Err(Error::format(
@@ -62,7 +68,7 @@ impl ModelTokenizer {
                 ));
             }
         }
-        Ok(ModelTokenizer { inner, path, bos_id, eos_ids })
+        Ok(ModelTokenizer { inner, path, bos_id, eos_ids, declared })
     }
 
     /// Number of tokens, special ones included.
@@ -70,17 +76,26 @@ impl ModelTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// The Mistral instruct format this tokenizer calls for (`datasets`' detection: v3 when the
-    /// instruct markers are control tokens, else v1).
+    /// The Mistral instruct format `prompt_format = "auto"` picks for this tokenizer.
     pub fn prompt_format(&self) -> std::result::Result<datasets::PromptFormat, String> {
-        datasets::PromptFormat::detect(&self.inner).map_err(|e| e.to_string())
+        self.declared.pick().map_err(|e| e.to_string())
+    }
+
+    /// The prompt encoder for `choice` (`auto`: the format the tokenizer declares; an explicit choice must be one
+    /// it allows) — the one training, evaluation, chat and serving all use.
+    pub fn encoder(&self, choice: datasets::PromptFormatChoice) -> Result<datasets::Encoder> {
+        let format = match choice.format() {
+            None => self.declared.pick(),
+            Some(f) => self.declared.check(f),
+        }
+        .map_err(|e| Error::format(&self.path, e.to_string()))?;
+        datasets::Encoder::with_format(&self.inner, format).map_err(|e| Error::format(&self.path, e.to_string()))
     }
 
     /// The ids of a single-turn chat prompt (`user`), ready for the assistant's answer, encoded
     /// exactly as training encodes a conversation's prompt.
     pub fn encode_chat_prompt(&self, user: &str) -> Result<Vec<u32>> {
-        let encoder = datasets::Encoder::new(&self.inner, datasets::PromptFormatChoice::Auto)
-            .map_err(|e| Error::format(&self.path, e.to_string()))?;
+        let encoder = self.encoder(datasets::PromptFormatChoice::Auto)?;
         encoder.encode_user_prompt(user).map_err(|p| Error::Invalid(format!("cannot encode the chat prompt: {p}")))
     }
 

@@ -157,8 +157,7 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
     }
     let config = ModelConfig::from_path(model_dir)?;
     let tokenizer = ModelTokenizer::load(model_dir, &config)?;
-    let encoder = datasets::Encoder::new(&tokenizer.inner, recipe.data.prompt_format)
-        .map_err(|e| Error::Invalid(format!("{}: {e}", tokenizer.path.display())))?;
+    let encoder = tokenizer.encoder(recipe.data.prompt_format)?;
     let data = datasets::load(&recipe.data, &encoder, recipe.train.seed).map_err(|e| Error::Invalid(e.to_string()))?;
     let dtype = match recipe.model.dtype {
         Dtype::Auto | Dtype::F32 => candle_core::DType::F32,
