@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use trainer::model::memory::{
     estimate_inference, format_bytes, largest_fitting_context, WeightPlan, WeightSource, Workload,
 };
@@ -224,9 +224,7 @@ impl Facts {
     }
 
     fn plan(&self, dtype: DType, nf4: Option<Nf4Options>) -> WeightPlan {
-        // Activations and the KV cache are in the dtype the layers compute in on the CPU (the model loads there).
-        let compute_dtype = trainer::model::decoder::compute_dtype(dtype, &Device::Cpu);
-        WeightPlan { dtype, nf4, source: self.source, compute_dtype }
+        WeightPlan { dtype, nf4, source: self.source }
     }
 }
 

@@ -4,9 +4,11 @@
 //! Tolerances: a bf16 implementation may round in another order than PyTorch's, so it is held to the
 //! reference's own spread, `spread = |PyTorch bf16 - PyTorch f32 on the same bf16 weights|` (per logit, per
 //! loss, per gradient tensor in norm): ours must be within `2 x spread` of PyTorch's bf16 AND within
-//! `1 x spread` of the f32 computation (we compute in f32 and round the residual stream to bf16 between layers,
-//! as transformers stores it, so we must be at least as close to exact arithmetic as PyTorch's bf16 is). The
-//! loss's spread is the mean absolute per-token cross-entropy difference of the references.
+//! `2 x spread` of the f32 computation. Like transformers we keep every activation in bf16 (our kernels
+//! compute in f32 and round their results to bf16, PyTorch's bf16 ops round per op), so each of the two bf16
+//! computations is about one spread from exact arithmetic and, their rounding errors being independent, at
+//! most about twice that from each other. The loss's spread is the mean absolute per-token cross-entropy
+//! difference of the references.
 
 mod common;
 
@@ -79,7 +81,7 @@ fn check_against_references(kind: &str) {
     assert!(spread > 0.0, "{kind}: the references agree exactly; the tolerance would be zero");
     let (to_bf16, to_f32) = (max_abs_diff(&logits, want_bf16), max_abs_diff(&logits, want_f32));
     assert!(to_bf16 <= 2.0 * spread, "{kind}: logits differ from PyTorch bf16 by {to_bf16} (spread {spread})");
-    assert!(to_f32 <= spread, "{kind}: logits differ from f32 arithmetic by {to_f32} (spread {spread})");
+    assert!(to_f32 <= 2.0 * spread, "{kind}: logits differ from f32 arithmetic by {to_f32} (spread {spread})");
 
     // Loss and every LoRA gradient, with and without checkpointing.
     let aux_coef = f.f64("aux_coef");
@@ -93,7 +95,7 @@ fn check_against_references(kind: &str) {
         let out = forward_backward(&model, &params, &mb, &scaling, checkpointing).unwrap();
         let loss = out.nll_sum / label_tokens as f64 + aux_coef * out.aux.unwrap_or(0.0);
         assert!(
-            (loss - loss_bf16).abs() <= 2.0 * loss_spread && (loss - loss_f32).abs() <= loss_spread,
+            (loss - loss_bf16).abs() <= 2.0 * loss_spread && (loss - loss_f32).abs() <= 2.0 * loss_spread,
             "{kind} (ckpt {checkpointing}): loss {loss}, PyTorch bf16 {loss_bf16}, f32 {loss_f32}"
         );
         let want = f.prefixed("bf16.grad.");
@@ -106,9 +108,16 @@ fn check_against_references(kind: &str) {
             let spread = norm(&(w - e).unwrap());
             let to_bf16 = norm(&(grad - w).unwrap());
             let to_f32 = norm(&(grad - e).unwrap());
+            if std::env::var_os("BF16_REPORT").is_some() {
+                eprintln!(
+                    "{kind} ckpt {checkpointing} {name}: bf16 {:.2} f32 {:.2}",
+                    to_bf16 / spread,
+                    to_f32 / spread
+                );
+            }
             assert!(spread > 0.0, "{kind}: {name}: references agree exactly");
             assert!(
-                to_bf16 <= 2.0 * spread && to_f32 <= spread,
+                to_bf16 <= 2.0 * spread && to_f32 <= 2.0 * spread,
                 "{kind} (ckpt {checkpointing}) {name}: |ours - bf16| {to_bf16:.3e}, |ours - f32| {to_f32:.3e}, spread {spread:.3e} (|grad| {:.3e})",
                 norm(e)
             );

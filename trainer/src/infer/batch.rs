@@ -229,7 +229,7 @@ pub fn forward_step(model: &Model, tokens: &[u32], caches: &mut [&mut KvCache]) 
     let device = &model.device;
     let ids = Tensor::from_vec(tokens.to_vec(), (n, 1), device)?;
     let positions: Vec<u32> = caches.iter().map(|cache| cache.seen() as u32).collect();
-    let rotary = Rotary::new(&positions, n, c.head_dim, c.rope_theta, model.compute_dtype(), device)?;
+    let rotary = Rotary::new(&positions, n, c.head_dim, c.rope_theta, device)?;
     // Each sequence's mask over its own cache (none is needed unless the cache holds keys out of the window).
     let masks = caches
         .iter()
@@ -240,8 +240,7 @@ pub fn forward_step(model: &Model, tokens: &[u32], caches: &mut [&mut KvCache]) 
         // The layer's own projections and feed-forward half; only the attention runs per sequence, each
         // over its own cache.
         let attn = &layer.self_attn;
-        // As the layer's own forward: compute in the compute dtype, keep the residual stream in the model's.
-        let x = h.to_dtype(model.compute_dtype())?;
+        let x = h;
         let (q, k, v) = attn.project(&layer.input_layernorm.forward(&x)?, &rotary)?;
         let mut outs = Vec::with_capacity(n);
         for (i, cache) in caches.iter_mut().enumerate() {
@@ -250,7 +249,7 @@ pub fn forward_step(model: &Model, tokens: &[u32], caches: &mut [&mut KvCache]) 
             outs.push(attend(&q.narrow(0, i, 1)?, &ks, &vs, masks[i].as_ref())?);
         }
         let attn_out = attn.o_proj.forward(&Tensor::cat(&outs, 0)?)?;
-        h = layer.feed_forward_residual(&(x + attn_out)?)?.0.to_dtype(model.dtype)?;
+        h = layer.feed_forward_residual(&(x + attn_out)?)?.0;
     }
     for cache in caches.iter_mut() {
         cache.advance(1)?;

@@ -14,8 +14,9 @@
 
 use super::parallel::{try_for_chunks, SharedMut};
 use super::sgemm::{sgemm_serial, MatRef};
-use super::storage::{contiguous_f32, output_f32};
+use super::storage::{contiguous_values, output_f32, storage_in, tensor_in};
 use super::vmath;
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -23,7 +24,8 @@ use std::sync::{Arc, Mutex};
 pub const BLOCK: usize = 256;
 
 /// `attention(q [b, heads, t, d], k [b, kv_heads, s, d], v [b, kv_heads, s, d]) -> [b, heads, t, d]`,
-/// all f32 on the CPU. Query head `h` uses key/value head `h / (heads / kv_heads)`.
+/// on the CPU, f32, bf16 or f16 (one dtype for the three; computed in f32, the result in their dtype).
+/// Query head `h` uses key/value head `h / (heads / kv_heads)`.
 #[derive(Debug)]
 pub struct FusedAttention {
     /// Multiplier of the scores (`1 / sqrt(d)`).
@@ -87,7 +89,8 @@ impl FusedAttention {
         let mask = mask.contiguous()?;
         let (storage, layout) = mask.storage_and_layout();
         let Storage::Cpu(storage) = &*storage else { bail!("attention: the mask must be on the CPU") };
-        let values = contiguous_f32(storage, layout, "attention")?;
+        let values = contiguous_values(storage, layout, "attention")?;
+        let values = &values[..];
         let per_row = dims.t * dims.s;
         let rows = values.len() / per_row.max(1);
         if rows * per_row != values.len() || (rows != 1 && rows != dims.b) {
@@ -145,11 +148,20 @@ impl CustomOp3 for FusedAttention {
         vl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = Self::dims(ql, kl, vl)?;
+        if ks.dtype() != qs.dtype() || vs.dtype() != qs.dtype() {
+            bail!(
+                "attention: q, k and v in one dtype expected, found {:?}, {:?}, {:?}",
+                qs.dtype(),
+                ks.dtype(),
+                vs.dtype()
+            )
+        }
         let (q, k, v) = (
-            contiguous_f32(qs, ql, "attention")?,
-            contiguous_f32(ks, kl, "attention")?,
-            contiguous_f32(vs, vl, "attention")?,
+            contiguous_values(qs, ql, "attention")?,
+            contiguous_values(ks, kl, "attention")?,
+            contiguous_values(vs, vl, "attention")?,
         );
+        let (q, k, v) = (&q[..], &k[..], &v[..]);
         let Dims { b, heads, kv_heads, t, s, d } = dims;
         let groups = dims.groups();
         // The query heads sharing a key/value head are contiguous: one [groups * t, d] block of rows.
@@ -198,7 +210,7 @@ impl CustomOp3 for FusedAttention {
             })
         })?;
         *self.row_stats.lock().map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))? = row_stats;
-        Ok((CpuStorage::F32(out), Shape::from((b, heads, t, d))))
+        Ok((storage_in(out, qs.dtype())?, Shape::from((b, heads, t, d))))
     }
 
     fn bwd(
@@ -217,14 +229,15 @@ impl CustomOp3 for FusedAttention {
         let mut views = Vec::with_capacity(5);
         for ((storage, layout), what) in guards.iter().zip(["q", "k", "v", "the output", "the gradient"]) {
             let Storage::Cpu(storage) = &**storage else { bail!("attention: {what} must be on the CPU") };
-            views.push((contiguous_f32(storage, layout, "attention")?, *layout));
+            views.push((contiguous_values(storage, layout, "attention")?, *layout));
         }
         let dims = Self::dims(views[0].1, views[1].1, views[2].1)?;
         let Dims { b, heads, kv_heads, t, s, d } = dims;
         if row_stats.len() != 2 * b * heads * t {
             bail!("attention: backward without a matching forward")
         }
-        let (qv, kv, vv, ov, gv) = (views[0].0, views[1].0, views[2].0, views[3].0, views[4].0);
+        let (qv, kv, vv, ov, gv) =
+            (&views[0].0[..], &views[1].0[..], &views[2].0[..], &views[3].0[..], &views[4].0[..]);
         let mut dq = vec![0f32; qv.len()];
         let mut dk = vec![0f32; kv.len()];
         let mut dv = vec![0f32; vv.len()];
@@ -286,9 +299,9 @@ impl CustomOp3 for FusedAttention {
         })?;
         let dev = q.device();
         Ok((
-            Some(Tensor::from_vec(dq, (b, heads, t, d), dev)?),
-            Some(Tensor::from_vec(dk, (b, kv_heads, s, d), dev)?),
-            Some(Tensor::from_vec(dv, (b, kv_heads, s, d), dev)?),
+            Some(tensor_in(dq, (b, heads, t, d), q.dtype(), dev)?),
+            Some(tensor_in(dk, (b, kv_heads, s, d), k.dtype(), dev)?),
+            Some(tensor_in(dv, (b, kv_heads, s, d), v.dtype(), dev)?),
         ))
     }
 }

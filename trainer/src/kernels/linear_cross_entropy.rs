@@ -8,6 +8,7 @@
 //! vocabularies (32000 x 1024 tokens of f32 logits are 131 MB, and the composed path holds several such).
 
 use super::parallel::for_rows_mut;
+use super::storage::{contiguous_values, is_cpu_activation, tensor_in};
 use super::vmath;
 use crate::quant::FrozenWeight;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
@@ -16,7 +17,8 @@ use std::sync::{Arc, Mutex};
 /// Rows of logits computed at once.
 pub const BLOCK: usize = 256;
 
-/// The fused op over hidden states `[n, hidden]` (f32, CPU).
+/// The fused op over hidden states `[n, hidden]` on the CPU (f32, bf16 or f16, read as f32; the losses
+/// are f32, the gradient of the hidden states in their dtype).
 #[derive(Debug)]
 pub struct LinearCrossEntropy {
     weight: FrozenWeight,
@@ -27,10 +29,10 @@ pub struct LinearCrossEntropy {
 
 impl LinearCrossEntropy {
     /// Per-row negative log-likelihoods of `weight`'s logits of `hidden` `[n, in]` at `targets`;
-    /// `None` when the fused path does not apply (hidden states not f32 on the CPU, or a weight the CPU
-    /// products do not take).
+    /// `None` when the fused path does not apply (hidden states not f32/bf16/f16 on the CPU, or a weight
+    /// the CPU products do not take).
     pub fn nll(hidden: &Tensor, weight: &FrozenWeight, targets: &[u32]) -> candle_core::Result<Option<Tensor>> {
-        if hidden.dtype() != DType::F32 || !hidden.device().is_cpu() || hidden.rank() != 2 {
+        if !is_cpu_activation(hidden) || hidden.rank() != 2 {
             return Ok(None);
         }
         if !weight.has_cpu_products() {
@@ -51,11 +53,8 @@ impl CustomOp1 for LinearCrossEntropy {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { bail!("linear-cross-entropy: f32 hidden states expected") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("linear-cross-entropy: contiguous input expected")
-        };
-        let h = &data[start..end];
+        let h = contiguous_values(storage, layout, self.name())?;
+        let h = &h[..];
         let &[n, hidden] = layout.dims() else {
             bail!("linear-cross-entropy: [n, hidden] expected, found {:?}", layout.dims())
         };
@@ -111,7 +110,7 @@ impl CustomOp1 for LinearCrossEntropy {
                 *d = scale[i] * g;
             }
         });
-        Tensor::from_vec(dh, (n, h), hidden.device()).map(Some)
+        tensor_in(dh, (n, h), hidden.dtype(), hidden.device()).map(Some)
     }
 }
 

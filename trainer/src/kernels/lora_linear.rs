@@ -1,5 +1,5 @@
 //! A frozen linear layer with its LoRA update as one op:
-//! `y = x W^T + s (x' A^T) B^T`, with `x' = x * mask` (dropout) or `x`.
+//! `y = x W^T + s (x' A^T) B^T`, with `x' = x * mask` (dropout, a [`DropoutMask`]) or `x`.
 //!
 //! Composed from candle ops, every adapted linear writes its `[m, out]` output four times in the
 //! forward (the frozen product, its copy into the graph, the update's product, its scaling and the
@@ -7,35 +7,41 @@
 //! candle's gradient store. Here the update is accumulated straight into the frozen product's output
 //! (`s (x' A^T)` is only `[m, r]`), and the backward writes `dx = dy W + ((s dy B) A) * mask` into one
 //! buffer and the small `dA = (s dy B)^T x'`, `dB = dy^T (s x' A^T)` directly. The frozen product
-//! runs at the current [`super::precision`]; the adapter's products stay in f32.
+//! runs at the current [`super::precision`]; the adapter's products stay in f32. Activations (`x`, `y`
+//! and their gradients) may be f32, bf16 or f16: read as f32, stored in `x`'s dtype.
 
+use super::dropout::DropoutMask;
 use super::sgemm::{sgemm, MatRef};
-use super::storage::{contiguous_f32, matrix_f32, output_f32, with_contiguous_f32};
+use super::storage::{
+    contiguous_values, is_cpu_activation, matrix_f32, output_f32, storage_in, tensor_in, with_contiguous_f32,
+    with_contiguous_values,
+};
 use crate::quant::FrozenWeight;
+use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
-/// The fused op over `(x [.., in], A [r, in], B [out, r])`, f32 on the CPU.
+/// The fused op over `(x [.., in], A [r, in], B [out, r])` on the CPU: `x` f32, bf16 or f16, the adapter f32.
 #[derive(Debug)]
 pub struct LoraLinear {
     weight: FrozenWeight,
     scale: f32,
-    /// Dropout multipliers of the adapter's input (0 or 1/keep), one per value of `x`.
-    mask: Option<Arc<Vec<f32>>>,
+    /// Dropout of the adapter's input, one bit per value of `x`.
+    mask: Option<DropoutMask>,
     /// `s x' A^T` `[m, r]` from the forward, for `dB` in the backward.
     hidden: Mutex<Vec<f32>>,
 }
 
 impl LoraLinear {
-    /// `x W^T + scale (x' A^T) B^T` over the last dimension of `x`; `None` when the fused path does
-    /// not apply (not all f32 on the CPU, or a non-f32 dense weight).
+    /// `x W^T + scale (x' A^T) B^T` over the last dimension of `x`, in `x`'s dtype; `None` when the fused
+    /// path does not apply (see [`LoraLinear::applies`]).
     pub fn forward(
         x: &Tensor,
         weight: &FrozenWeight,
         a: &Tensor,
         b: &Tensor,
         scale: f64,
-        mask: Option<Vec<f32>>,
+        mask: Option<DropoutMask>,
     ) -> candle_core::Result<Option<Tensor>> {
         if !Self::applies(x, weight, a, b) {
             return Ok(None);
@@ -43,27 +49,24 @@ impl LoraLinear {
         if mask.as_ref().is_some_and(|m| m.len() != x.elem_count()) {
             bail!("lora linear: {} dropout multipliers for an input of {:?}", mask.map_or(0, |m| m.len()), x.dims())
         }
-        let op = LoraLinear {
-            weight: weight.clone(),
-            scale: scale as f32,
-            mask: mask.map(Arc::new),
-            hidden: Mutex::new(Vec::new()),
-        };
+        let op = LoraLinear { weight: weight.clone(), scale: scale as f32, mask, hidden: Mutex::new(Vec::new()) };
         x.contiguous()?.apply_op3_arc(a, b, Arc::new(Box::new(op))).map(Some)
     }
 
-    /// Whether the fused op computes this product: input and adapter f32 on the CPU, and a base weight
-    /// the CPU products take (NF4, or dense f32/bf16/f16).
+    /// Whether the fused op computes this product: on the CPU an f32/bf16/f16 input, an f32 adapter, and
+    /// a base weight the CPU products take (NF4, or dense f32/bf16/f16).
     pub fn applies(x: &Tensor, weight: &FrozenWeight, a: &Tensor, b: &Tensor) -> bool {
         let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
-        f32_cpu(x) && f32_cpu(a) && f32_cpu(b) && weight.has_cpu_products()
+        is_cpu_activation(x) && f32_cpu(a) && f32_cpu(b) && weight.has_cpu_products()
     }
 
     /// `x * mask`, or `x` itself without dropout.
     fn dropped<'a>(&self, x: &'a [f32], buf: &'a mut Vec<f32>) -> &'a [f32] {
         match &self.mask {
             Some(mask) => {
-                *buf = x.iter().zip(mask.iter()).map(|(v, k)| v * k).collect();
+                *buf = output_f32(x.len());
+                // Every value is written (accumulate = false).
+                mask.apply(x, buf, false);
                 buf
             }
             None => x,
@@ -106,7 +109,8 @@ impl CustomOp3 for LoraLinear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(xs, xl, self.name())?;
+        let x = contiguous_values(xs, xl, self.name())?;
+        let x = &x[..];
         let (a, b) = (matrix_f32(as_, al, self.name())?, matrix_f32(bs, bl, self.name())?);
         let (m, inp, out, r) = self.dims(xl, a, b)?;
         // Overwritten by the frozen product (every value), then the update is added in.
@@ -123,7 +127,7 @@ impl CustomOp3 for LoraLinear {
         if let Some(last) = dims.last_mut() {
             *last = out;
         }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((storage_in(y, xs.dtype())?, Shape::from(dims)))
     }
 
     fn bwd(
@@ -147,8 +151,8 @@ impl CustomOp3 for LoraLinear {
         }
         let dev = x.device().clone();
         let want_dx = x.track_op() || x.is_variable();
-        with_contiguous_f32(&grad, self.name(), |dy| {
-            with_contiguous_f32(&x, self.name(), |xv| {
+        with_contiguous_values(&grad, self.name(), |dy| {
+            with_contiguous_values(&x, self.name(), |xv| {
                 with_contiguous_f32(&a, self.name(), |av| {
                     with_contiguous_f32(&b, self.name(), |bv| {
                         let dy_m = MatRef::row_major(dy, m, out);
@@ -168,12 +172,10 @@ impl CustomOp3 for LoraLinear {
                                     // Overwritten by the product (accumulate = false).
                                     let mut part = output_f32(m * inp);
                                     sgemm(gh, a_m, &mut part, inp, false).map_err(msg)?;
-                                    for ((d, p), k) in dx.iter_mut().zip(&part).zip(mask.iter()) {
-                                        *d += p * k;
-                                    }
+                                    mask.apply(&part, &mut dx, true);
                                 }
                             }
-                            Some(Tensor::from_vec(dx, x.shape(), &dev)?)
+                            Some(tensor_in(dx, x.shape(), x.dtype(), &dev)?)
                         } else {
                             None
                         };
@@ -207,7 +209,7 @@ mod tests {
 
     /// The fused op against `x W^T + s ((x * mask) A^T) B^T` composed from candle ops: output and the
     /// gradients of x, A and B.
-    fn check(weight: FrozenWeight, dense: &Tensor, m: usize, r: usize, mask: Option<Vec<f32>>) {
+    fn check(weight: FrozenWeight, dense: &Tensor, m: usize, r: usize, mask: Option<DropoutMask>) {
         let dev = Device::Cpu;
         let (out, inp) = dense.dims2().unwrap();
         let scale = 1.75f64;
@@ -223,7 +225,7 @@ mod tests {
                     .unwrap()
             } else {
                 let xd = match &mask {
-                    Some(k) => (x.as_tensor() * Tensor::from_vec(k.clone(), (m, inp), &dev).unwrap()).unwrap(),
+                    Some(k) => (x.as_tensor() * Tensor::from_vec(k.multipliers(), (m, inp), &dev).unwrap()).unwrap(),
                     None => x.as_tensor().clone(),
                 };
                 let base = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
@@ -256,8 +258,7 @@ mod tests {
         let w = values(out * inp, 9, 0.5);
         let dense = Tensor::from_vec(w.clone(), (out, inp), &dev).unwrap();
         let keep = 0.8f32;
-        let mask =
-            |m: usize| -> Vec<f32> { (0..m * inp).map(|i| if (i * 31) % 5 == 0 { 0.0 } else { 1.0 / keep }).collect() };
+        let mask = |m: usize| DropoutMask::from_fn(m * inp, 1.0 / keep, |i| (i * 31) % 5 != 0);
         check(FrozenWeight::dense(&dense).unwrap(), &dense, 37, 4, None);
         check(FrozenWeight::dense(&dense).unwrap(), &dense, 37, 4, Some(mask(37)));
         // Large enough that the rank-8 products take the blocked kernels' narrow path.
@@ -290,7 +291,7 @@ mod tests {
         let b = Tensor::zeros((6, 2), DType::F32, &dev).unwrap();
         assert!(LoraLinear::forward(&x, &w, &a, &b, 1.0, None).is_err());
         let a = Tensor::zeros((2, 5), DType::F32, &dev).unwrap();
-        assert!(LoraLinear::forward(&x, &w, &a, &b, 1.0, Some(vec![1.0; 2])).is_err());
+        assert!(LoraLinear::forward(&x, &w, &a, &b, 1.0, Some(DropoutMask::from_fn(2, 1.0, |_| true))).is_err());
         assert!(LoraLinear::forward(&x, &w, &a, &b, 1.0, None).unwrap().is_some());
     }
 }

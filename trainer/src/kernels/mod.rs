@@ -2,8 +2,10 @@
 //! the frozen linear layer's products, vectorized exponentials, and the fused losses built on them.
 
 pub mod attention;
+pub mod convert;
 pub mod cross_entropy;
 pub mod dense_linear;
+pub mod dropout;
 pub mod linear_cross_entropy;
 pub mod lora_linear;
 pub mod matmul;
@@ -20,10 +22,12 @@ pub mod vmath;
 pub use attention::FusedAttention;
 pub use cross_entropy::CrossEntropy;
 pub use dense_linear::{DenseLinear, DenseProduct};
+pub use dropout::DropoutMask;
 pub use linear_cross_entropy::LinearCrossEntropy;
 pub use matmul::matmul;
 pub use precision::{frozen_gemm, matmul_precision, set_matmul_precision, MatmulPrecision};
 pub use rms_norm::rms_norm;
 pub use rope::RopeTranspose;
 pub use sgemm::{bf16_gemm, sgemm, sgemm_serial, MatRef};
+pub use storage::{is_activation_dtype, is_cpu_activation};
 pub use swiglu::swiglu;

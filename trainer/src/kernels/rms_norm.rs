@@ -3,20 +3,22 @@
 //! `n = x * inv`, and `dw = sum over rows of dy n` (only when `w` takes a gradient).
 
 use super::parallel::{for_chunks, for_rows_mut};
-use super::storage::{contiguous_f32, output_f32};
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
+use super::storage::{contiguous_values, is_activation_dtype, is_cpu_activation, output_f32, storage_in, tensor_in};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
-/// The fused op over `(x [.., h], w [h])`, f32 on the CPU.
+/// The fused op over `(x [.., h], w [h])` on the CPU: f32, bf16 or f16 values, computed in f32, the
+/// result in `x`'s dtype.
 #[derive(Debug, Clone, Copy)]
 pub struct RmsNormOp {
     /// Added to the mean square.
     pub eps: f32,
 }
 
-/// RMSNorm of `x` with scale `w`: fused for f32 on the CPU; `None` when that path does not apply.
+/// RMSNorm of `x` with scale `w`: fused for f32/bf16/f16 on the CPU; `None` when that path does not apply.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
-    if x.dtype() != DType::F32 || w.dtype() != DType::F32 || !x.device().is_cpu() || w.rank() != 1 {
+    if !is_cpu_activation(x) || !is_activation_dtype(w.dtype()) || w.rank() != 1 {
         return Ok(None);
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 }).map(Some)
@@ -40,7 +42,8 @@ impl CustomOp2 for RmsNormOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (contiguous_f32(xs, xl, "rms-norm")?, contiguous_f32(ws, wl, "rms-norm")?);
+        let (x, w) = (contiguous_values(xs, xl, "rms-norm")?, contiguous_values(ws, wl, "rms-norm")?);
+        let (x, w) = (&x[..], &w[..]);
         let h = w.len();
         if xl.dims().last() != Some(&h) {
             bail!("rms-norm: input {:?} does not end in the scale's {h}", xl.dims())
@@ -54,7 +57,7 @@ impl CustomOp2 for RmsNormOp {
                 *y = (xv * inv) * wv;
             }
         });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        Ok((storage_in(out, xs.dtype())?, xl.shape().clone()))
     }
 
     fn bwd(
@@ -70,9 +73,9 @@ impl CustomOp2 for RmsNormOp {
         let mut views = Vec::with_capacity(3);
         for (storage, layout) in &guards {
             let Storage::Cpu(s) = &**storage else { bail!("rms-norm: CPU tensors expected") };
-            views.push(contiguous_f32(s, layout, "rms-norm")?);
+            views.push(contiguous_values(s, layout, "rms-norm")?);
         }
-        let (xv, wv, dy) = (views[0], views[1], views[2]);
+        let (xv, wv, dy) = (&views[0][..], &views[1][..], &views[2][..]);
         let h = wv.len();
         // Every row is written whole.
         let mut dx = output_f32(xv.len());
@@ -102,12 +105,13 @@ impl CustomOp2 for RmsNormOp {
                 }
             });
             let total = total.into_inner().map_err(|_| candle_core::Error::Msg("rms-norm: poisoned lock".into()))?;
-            Some(Tensor::from_vec(total, h, w.device())?)
+            Some(tensor_in(total, h, w.dtype(), w.device())?)
         } else {
             None
         };
+        drop(views);
         drop(guards);
-        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
+        Ok((Some(tensor_in(dx, x.shape(), x.dtype(), x.device())?), dw))
     }
 }
 

@@ -4,11 +4,12 @@
 //! runs a transpose copy, two narrows, a negation, a concatenation, two products and a sum).
 
 use super::parallel::for_rows_mut;
-use super::storage::{output_f32, with_contiguous_f32};
+use super::storage::{contiguous_values, output_f32, storage_in, with_contiguous_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-/// The op: `cos`/`sin` are `[b, 1, t, d]` f32 CPU tables (one row per token).
+/// The op: `cos`/`sin` are `[b, 1, t, d]` f32 CPU tables (one row per token); the input f32, bf16 or
+/// f16 (rotated in f32, the result in its dtype).
 #[derive(Debug, Clone)]
 pub struct RopeTranspose {
     /// Cosines per token and channel.
@@ -29,9 +30,8 @@ impl CustomOp1 for RopeTranspose {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { bail!("rope: f32 input expected, found {:?}", storage.dtype()) };
-        let Some((start, end)) = layout.contiguous_offsets() else { bail!("rope: contiguous input expected") };
-        let x = &data[start..end];
+        let x = contiguous_values(storage, layout, "rope")?;
+        let x = &x[..];
         let &[b, d1, d2, d] = layout.dims() else { bail!("rope: 4-D input expected, found {:?}", layout.dims()) };
         // Forward input is [b, t, h, d]; backward input is [b, h, t, d].
         let (t, h) = if self.backward { (d2, d1) } else { (d1, d2) };
@@ -68,7 +68,7 @@ impl CustomOp1 for RopeTranspose {
                 Ok(())
             })
         })?;
-        Ok((CpuStorage::F32(out), Shape::from((b, d2, d1, d))))
+        Ok((storage_in(out, storage.dtype())?, Shape::from((b, d2, d1, d))))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -81,14 +81,14 @@ impl CustomOp1 for RopeTranspose {
 mod tests {
     use super::*;
     use crate::model::rope::Rotary;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{Device, Var};
 
     #[test]
     fn equals_transpose_then_rotate_and_its_gradient() {
         let dev = Device::Cpu;
         let (b, t, h, d) = (2usize, 5usize, 3usize, 8usize);
         let positions: Vec<u32> = (0..b * t).map(|i| (i % t) as u32 * 3).collect();
-        let rotary = Rotary::new(&positions, b, d, 10000.0, DType::F32, &dev).unwrap();
+        let rotary = Rotary::new(&positions, b, d, 10000.0, &dev).unwrap();
         let vals: Vec<f32> = (0..b * t * h * d).map(|i| ((i * 29) % 101) as f32 / 25.0 - 2.0).collect();
         let x = Var::from_vec(vals.clone(), (b, t, h, d), &dev).unwrap();
         let k = Tensor::from_vec(vals.iter().rev().copied().collect::<Vec<_>>(), (b, h, t, d), &dev).unwrap();

@@ -2,16 +2,18 @@
 //! `silu'(g) = s (1 + g (1 - s))` with `s = sigmoid(g)`), rows spread over the CPU pool.
 
 use super::parallel::{for_spans_mut, SharedMut};
-use super::storage::{contiguous_f32, output_f32, with_contiguous_f32};
+use super::storage::{contiguous_values, is_cpu_activation, output_f32, storage_in, tensor_in, with_contiguous_values};
 use super::vmath;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 /// Values per task of the parallel split.
 const SPAN: usize = 4096;
 
-/// `silu(gate) * up` for two f32 CPU tensors of one shape (the fused path), candle's ops otherwise.
+/// `silu(gate) * up` for two CPU tensors of one shape and one f32/bf16/f16 dtype (the fused path,
+/// computed in f32, stored in their dtype), candle's ops otherwise.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.device().is_cpu() && gate.dims() == up.dims() {
+    if is_cpu_activation(gate) && up.dtype() == gate.dtype() && up.device().is_cpu() && gate.dims() == up.dims() {
         gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
     } else {
         gate.silu()? * up
@@ -34,7 +36,8 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = (contiguous_f32(gs, gl, "swiglu")?, contiguous_f32(us, ul, "swiglu")?);
+        let (g, u) = (contiguous_values(gs, gl, "swiglu")?, contiguous_values(us, ul, "swiglu")?);
+        let (g, u) = (&g[..], &u[..]);
         if g.len() != u.len() {
             bail!("swiglu: gate {:?} and up {:?} differ", gl.dims(), ul.dims())
         }
@@ -47,7 +50,7 @@ impl CustomOp2 for SwiGlu {
                 *o = gv * *o * uv;
             }
         });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
+        Ok((storage_in(out, gs.dtype())?, gl.shape().clone()))
     }
 
     fn bwd(
@@ -61,9 +64,9 @@ impl CustomOp2 for SwiGlu {
         let n = gate.elem_count();
         // Every span of both is written (`du` by `sigmoid` first).
         let (mut dg, mut du) = (output_f32(n), output_f32(n));
-        with_contiguous_f32(&gate, "swiglu", |g| {
-            with_contiguous_f32(&up, "swiglu", |u| {
-                with_contiguous_f32(&grad, "swiglu", |dy| {
+        with_contiguous_values(&gate, "swiglu", |g| {
+            with_contiguous_values(&up, "swiglu", |u| {
+                with_contiguous_values(&grad, "swiglu", |dy| {
                     let du_ptr = SharedMut(du.as_mut_ptr());
                     for_spans_mut(&mut dg, SPAN, |at, dg| {
                         // SAFETY: the same span of `du` as of `dg`, owned by this call alone.
@@ -81,7 +84,7 @@ impl CustomOp2 for SwiGlu {
             })
         })?;
         let dev = gate.device();
-        Ok((Some(Tensor::from_vec(dg, gate.shape(), dev)?), Some(Tensor::from_vec(du, gate.shape(), dev)?)))
+        Ok((Some(tensor_in(dg, gate.shape(), gate.dtype(), dev)?), Some(tensor_in(du, up.shape(), up.dtype(), dev)?)))
     }
 }
 

@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor, Var};
 
 use crate::infer::Rng;
 use crate::kernels::lora_linear::LoraLinear;
-use crate::kernels::matmul;
+use crate::kernels::{matmul, DropoutMask};
 use crate::quant::FrozenWeight;
 
 /// Shared switch and seed for the dropout of every adapter of a model.
@@ -79,7 +79,7 @@ impl LoraAdapter {
     pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x = match self.dropout_mask(x.elem_count()) {
-            Some(mask) => (x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?,
+            Some(mask) => (x * Tensor::from_vec(mask.multipliers(), x.shape(), x.device())?.to_dtype(x.dtype())?)?,
             None => x.clone(),
         };
         let h = matmul(&x.to_dtype(self.a.dtype())?, &self.a.as_tensor().t()?)?;
@@ -87,7 +87,7 @@ impl LoraAdapter {
     }
 
     /// `base(x) + delta(x)` for a frozen base weight as one fused op (see
-    /// [`crate::kernels::lora_linear`]); `None` where it does not apply (not f32 on the CPU).
+    /// [`crate::kernels::lora_linear`]); `None` where it does not apply (see [`LoraLinear::applies`]).
     pub fn forward_with_base(&self, base: &FrozenWeight, x: &Tensor) -> Result<Option<Tensor>> {
         // Checked before drawing the mask, which the composed path would otherwise draw a second time.
         if !LoraLinear::applies(x, base, self.a.as_tensor(), self.b.as_tensor()) {
@@ -97,11 +97,12 @@ impl LoraAdapter {
         LoraLinear::forward(x, base, self.a.as_tensor(), self.b.as_tensor(), self.scale, mask)
     }
 
-    /// The dropout multipliers (0 or 1/keep) for an input of `len` values, while training with dropout.
-    fn dropout_mask(&self, len: usize) -> Option<Vec<f32>> {
+    /// The dropout mask (kept values scaled by 1/keep) for an input of `len` values, while training with
+    /// dropout.
+    fn dropout_mask(&self, len: usize) -> Option<DropoutMask> {
         let seed = self.control.seed_if_training().filter(|_| self.dropout > 0.0)?;
         let mut rng = Rng::new(seed ^ self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let keep = 1.0 - self.dropout;
-        Some((0..len).map(|_| if rng.next_f64() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect())
+        Some(DropoutMask::from_fn(len, (1.0 / keep) as f32, |_| rng.next_f64() < keep))
     }
 }

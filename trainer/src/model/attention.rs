@@ -1,6 +1,6 @@
 //! Grouped-query self-attention with RoPE, an additive mask and an optional KV cache.
 //! Scores are computed per key/value group (no repeated K/V tensors are materialized) and the
-//! softmax runs in f32 like HF's eager attention. In f32 on the CPU the scores, softmax and weighted
+//! softmax runs in f32 like HF's eager attention. On the CPU the scores, softmax and weighted
 //! sum run fused ([`FusedAttention`]: no score tensor is kept for the backward).
 
 use candle_core::{DType, Result, Tensor, D};
@@ -8,7 +8,7 @@ use candle_core::{DType, Result, Tensor, D};
 use super::linear::Linear;
 use super::rope::Rotary;
 use crate::infer::LayerCache;
-use crate::kernels::FusedAttention;
+use crate::kernels::{is_cpu_activation, FusedAttention};
 
 /// The attention block of a decoder layer.
 #[derive(Debug, Clone)]
@@ -66,11 +66,11 @@ impl Attention {
 /// Scaled dot-product attention of `q` `[b, heads, t, head_dim]` (after RoPE) over keys and values
 /// `[b, kv_heads, keys, head_dim]` with an additive `mask` `[b|1, 1, 1, t, keys]`, giving
 /// `[b, t, heads * head_dim]` for `o_proj`. Heads `g*groups..(g+1)*groups` share key/value head `g`, as in
-/// HF's `repeat_kv`; the softmax runs in f32. Fused for f32 on the CPU.
+/// HF's `repeat_kv`; the softmax runs in f32. Fused on the CPU (f32, bf16 or f16 activations).
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (_, nkv, s, _) = k.dims4()?;
-    let out = if q.dtype() == DType::F32 && q.device().is_cpu() {
+    let out = if is_cpu_activation(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
         FusedAttention::apply(q, k, v, mask)?
     } else {
         let groups = nh / nkv;

@@ -55,14 +55,13 @@ pub struct LayerContext {
 }
 
 impl DecoderLayer {
-    /// Runs the layer on `x` `[b, t, hidden]`: computes in [`compute_dtype`] and returns the residual
-    /// stream in `x`'s dtype (so a bf16 model keeps bf16 between layers, as Hugging Face's does).
+    /// Runs the layer on `x` `[b, t, hidden]`. Activations stay in `x`'s dtype (a bf16 model keeps bf16
+    /// between and inside its layers, as Hugging Face's does); on the CPU the fused kernels compute in f32
+    /// and store their results in that dtype.
     pub fn forward(&self, x: &Tensor, ctx: &LayerContext, cache: Option<&mut LayerCache>) -> Result<LayerOutput> {
-        let storage = x.dtype();
-        let x = x.to_dtype(compute_dtype(storage, x.device()))?;
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(&x)?, &ctx.rotary, ctx.mask.as_ref(), cache)?;
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, &ctx.rotary, ctx.mask.as_ref(), cache)?;
         let (hidden, router_logits) = self.feed_forward_residual(&(x + attn)?)?;
-        Ok(LayerOutput { hidden: hidden.to_dtype(storage)?, router_logits })
+        Ok(LayerOutput { hidden, router_logits })
     }
 
     /// The layer's second half on the residual stream `h` after attention: `h + ffn(norm(h))`, with the
@@ -77,17 +76,6 @@ impl DecoderLayer {
             }
         };
         Ok(((h + ff)?, router_logits))
-    }
-}
-
-/// The dtype a layer computes in when its residual stream is stored in `storage` on `device`: f32 on
-/// the CPU, where the fused kernels run (bf16/f16 weights are expanded to f32 a tile at a time, see
-/// [`crate::quant::FrozenWeight`]), the storage dtype elsewhere.
-pub fn compute_dtype(storage: DType, device: &Device) -> DType {
-    if device.is_cpu() && matches!(storage, DType::BF16 | DType::F16) {
-        DType::F32
-    } else {
-        storage
     }
 }
 
@@ -124,22 +112,17 @@ pub struct Model {
     pub norm: RmsNorm,
     /// Output projection `[vocab, hidden]`.
     pub lm_head: Linear,
-    /// Storage dtype of the dense weights and of the residual stream between layers (layers compute in
-    /// [`Model::compute_dtype`]).
+    /// Dtype of the dense weights and of the activations (the residual stream and everything the layers
+    /// keep for the backward). On the CPU the fused kernels compute in f32 whatever it is.
     pub dtype: DType,
     /// Device of the weights.
     pub device: Device,
 }
 
 impl Model {
-    /// The dtype the layers, the final norm and the loss compute in (see [`compute_dtype`]).
-    pub fn compute_dtype(&self) -> DType {
-        compute_dtype(self.dtype, &self.device)
-    }
-
-    /// The final norm of the residual stream `h`, in [`Model::compute_dtype`].
+    /// The final norm of the residual stream `h`.
     pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        self.norm.forward(&h.to_dtype(self.compute_dtype())?)
+        self.norm.forward(h)
     }
 
     /// Embeds `ids` `[b, t]` (u32) into `[b, t, hidden]`.
@@ -166,7 +149,7 @@ impl Model {
             }
         };
         let c = &self.config;
-        let rotary = Rotary::new(positions, b, c.head_dim, c.rope_theta, self.compute_dtype(), &self.device)?;
+        let rotary = Rotary::new(positions, b, c.head_dim, c.rope_theta, &self.device)?;
         let spec = MaskSpec {
             documents: layout.documents,
             key_valid: layout.key_valid,

@@ -87,28 +87,29 @@ impl Linear {
 
     /// Applies the layer to `x` of shape `[..., in]`, giving `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The fused ops take `[..., in]` as it is: no reshape nodes (each would cost the backward a
+        // gradient copy of the activation).
+        let fused = match (&self.base, &self.lora) {
+            (LinearBase::Frozen(w), Some(lora)) => lora.forward_with_base(w, x)?,
+            (LinearBase::Frozen(w), None) => Some(w.forward(x)?),
+            _ => None,
+        };
+        if let Some(y) = fused {
+            return Ok(y);
+        }
         let dims = x.dims();
         let in_features = dims[dims.len() - 1];
         let rows = x.elem_count() / in_features;
         let x2 = x.reshape((rows, in_features))?;
-        let fused = match (&self.base, &self.lora) {
-            (LinearBase::Frozen(w), Some(lora)) => lora.forward_with_base(w, &x2)?,
-            _ => None,
+        let y = match &self.base {
+            LinearBase::Frozen(w) => w.forward(&x2)?,
+            // A trainable weight keeps its own dtype (f32 master weights); the conversion to the
+            // input's is differentiable.
+            LinearBase::Trainable(w) => matmul(&x2, &w.to_dtype(x2.dtype())?.t()?)?,
         };
-        let y = match fused {
-            Some(y) => y,
-            None => {
-                let y = match &self.base {
-                    LinearBase::Frozen(w) => w.forward(&x2)?,
-                    // A trainable weight keeps its own dtype (f32 master weights); the conversion to the
-                    // input's is differentiable.
-                    LinearBase::Trainable(w) => matmul(&x2, &w.to_dtype(x2.dtype())?.t()?)?,
-                };
-                match &self.lora {
-                    Some(lora) => (y + lora.delta(&x2)?)?,
-                    None => y,
-                }
-            }
+        let y = match &self.lora {
+            Some(lora) => (y + lora.delta(&x2)?)?,
+            None => y,
         };
         let mut out_dims = dims.to_vec();
         let last = out_dims.len() - 1;

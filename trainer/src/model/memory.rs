@@ -45,8 +45,6 @@ pub struct WeightPlan {
     pub nf4: Option<Nf4Options>,
     /// Where the weights are read from.
     pub source: WeightSource,
-    /// Dtype of activations and of the KV cache (f32 on the CPU).
-    pub compute_dtype: DType,
 }
 
 /// The file the weights are read from, for what loading holds for one tensor.
@@ -288,9 +286,10 @@ fn loading_bytes(c: &ModelConfig, weights: &WeightPlan) -> u64 {
 pub fn estimate_inference(c: &ModelConfig, weights: &WeightPlan, work: &Workload) -> InferenceEstimate {
     let context = work.context_tokens.min(c.max_position_embeddings).max(1);
     let prefill = work.prefill_tokens.min(context).max(1);
-    let kv_cache = kv_cache_bytes(c, context, prefill, work.sequences.max(1), weights.compute_dtype);
-    let kv_layer = kv_cache_bytes(c, context, prefill, 1, weights.compute_dtype) / c.num_layers.max(1) as u64;
-    let size = weights.compute_dtype.size_in_bytes() as u64;
+    // Activations and the KV cache are in the dense weights' dtype.
+    let kv_cache = kv_cache_bytes(c, context, prefill, work.sequences.max(1), weights.dtype);
+    let kv_layer = kv_cache_bytes(c, context, prefill, 1, weights.dtype) / c.num_layers.max(1) as u64;
+    let size = weights.dtype.size_in_bytes() as u64;
     let activations = activation_bytes(c, prefill as u64, work.logit_rows.min(prefill).max(1) as u64, kv_layer, size)
         + tile_bytes(c, weights);
     let loading = loading_bytes(c, weights);
@@ -581,7 +580,6 @@ mod tests {
             dtype: DType::BF16,
             nf4: None,
             source: WeightSource::Safetensors { stored_bytes_per_param: 2 },
-            compute_dtype: DType::F32,
         };
         let at = |context: usize| {
             estimate_inference(
@@ -610,12 +608,8 @@ mod tests {
     fn a_bf16_7b_fits_24_gib_in_bf16_only_and_nf4_needs_about_a_quarter() {
         let c = mistral_7b();
         let work = Workload { context_tokens: 256, prefill_tokens: 128, logit_rows: 1, sequences: 1, adapter_bytes: 0 };
-        let plan = |dtype, nf4| WeightPlan {
-            dtype,
-            nf4,
-            source: WeightSource::Safetensors { stored_bytes_per_param: 2 },
-            compute_dtype: DType::F32,
-        };
+        let plan =
+            |dtype, nf4| WeightPlan { dtype, nf4, source: WeightSource::Safetensors { stored_bytes_per_param: 2 } };
         let f32 = estimate_inference(&c, &plan(DType::F32, None), &work).total();
         let bf16 = estimate_inference(&c, &plan(DType::BF16, None), &work).total();
         let nf4 = estimate_inference(&c, &plan(DType::BF16, Some(Nf4Options::qlora())), &work).total();
@@ -717,7 +711,6 @@ mod tests {
             dtype: DType::BF16,
             nf4: Some(Nf4Options::qlora()),
             source: WeightSource::Safetensors { stored_bytes_per_param: 2 },
-            compute_dtype: DType::F32,
         };
         let work = Workload { context_tokens: 16, prefill_tokens: 16, logit_rows: 1, sequences: 1, adapter_bytes: 0 };
         let with_mlp = estimate_inference(&mistral_7b(), &plan, &work);

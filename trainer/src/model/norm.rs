@@ -1,5 +1,5 @@
 //! RMSNorm exactly as Hugging Face's Mistral computes it: normalize in f32, cast back, scale.
-//! In f32 on the CPU it runs fused with its own backward ([`rms_norm`]); otherwise it is built from
+//! On the CPU (f32, bf16 or f16 activations) it runs fused with its own backward ([`rms_norm`]); otherwise it is built from
 //! differentiable ops (candle's fused `rms_norm` has no backward).
 
 use candle_core::{DType, Result, Tensor, D};
@@ -19,9 +19,12 @@ impl RmsNorm {
         RmsNorm { weight, eps }
     }
 
-    /// Normalizes `x` over its last dimension.
+    /// Normalizes `x` over its last dimension; the result in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // A bf16 model computing in f32 (or the reverse) scales by the weight in the input's dtype.
+        if let Some(y) = rms_norm(x, &self.weight, self.eps)? {
+            return Ok(y);
+        }
+        // The composed path scales by the weight in the input's dtype.
         let converted;
         let weight = if self.weight.dtype() == x.dtype() {
             &self.weight
@@ -29,9 +32,6 @@ impl RmsNorm {
             converted = self.weight.to_dtype(x.dtype())?;
             &converted
         };
-        if let Some(y) = rms_norm(x, weight, self.eps)? {
-            return Ok(y);
-        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let variance = xf.sqr()?.mean_keepdim(D::Minus1)?;

@@ -1,11 +1,12 @@
 //! Rotary position embeddings (the "rotate half" convention of Hugging Face Mistral), computed for
 //! arbitrary per-token positions so packed documents can each restart at position 0.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 
-use crate::kernels::RopeTranspose;
+use crate::kernels::{is_cpu_activation, RopeTranspose};
 
-/// The cos/sin tables for one forward pass, shaped `[b, 1, t, head_dim]`.
+/// The cos/sin tables for one forward pass, shaped `[b, 1, t, head_dim]`, in f32 (cast to the
+/// activations' dtype where they are used, as Hugging Face does).
 #[derive(Debug, Clone)]
 pub struct Rotary {
     cos: Tensor,
@@ -14,15 +15,8 @@ pub struct Rotary {
 
 impl Rotary {
     /// Builds the tables for positions `[b * t]` (row-major), like HF: inverse frequencies
-    /// `1 / theta^(2i/d)` in f32, angles `position * inv_freq` in f32, then cast to `dtype`.
-    pub fn new(
-        positions: &[u32],
-        batch: usize,
-        head_dim: usize,
-        theta: f64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    /// `1 / theta^(2i/d)` in f32, angles `position * inv_freq` in f32.
+    pub fn new(positions: &[u32], batch: usize, head_dim: usize, theta: f64, device: &Device) -> Result<Self> {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> =
             (0..half).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
@@ -58,29 +52,27 @@ impl Rotary {
         }
         let t = positions.len() / batch.max(1);
         let shape = (batch, 1, t, head_dim);
-        Ok(Rotary {
-            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
-        })
+        Ok(Rotary { cos: Tensor::from_vec(cos, shape, device)?, sin: Tensor::from_vec(sin, shape, device)? })
     }
 
     /// Rotates `x` of shape `[b, t, heads, head_dim]` (a projection's output, split into heads) and
-    /// returns it as `[b, heads, t, head_dim]`: fused for f32 on the CPU, transpose then [`Rotary::apply`]
-    /// otherwise.
+    /// returns it as `[b, heads, t, head_dim]`, in `x`'s dtype: fused for f32/bf16/f16 on the CPU
+    /// (computed in f32), transpose then [`Rotary::apply`] otherwise.
     pub fn apply_to_heads(&self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() == DType::F32 && x.device().is_cpu() && self.cos.dtype() == DType::F32 {
+        if is_cpu_activation(x) {
             let op = RopeTranspose { cos: self.cos.clone(), sin: self.sin.clone(), backward: false };
             return x.contiguous()?.apply_op1(op);
         }
         self.apply(&x.transpose(1, 2)?)
     }
 
-    /// Rotates `x` of shape `[b, heads, t, head_dim]`.
+    /// Rotates `x` of shape `[b, heads, t, head_dim]` (the tables cast to `x`'s dtype, as HF casts them).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?
+        let (cos, sin) = (self.cos.to_dtype(x.dtype())?, self.sin.to_dtype(x.dtype())?);
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
     }
 }

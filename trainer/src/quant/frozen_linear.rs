@@ -8,10 +8,11 @@
 //! GradStore never holds anything of its size. When `x` carries no gradient (inference) the bridge is
 //! skipped.
 //!
-//! Dtypes: on the CPU an f32 input takes the f32 kernels whatever the weight's storage: an f32 weight
-//! directly, a bf16/f16 weight expanded to f32 a tile of rows at a time (so a bf16 model computes in f32
-//! without an f32 copy of its weights). Elsewhere a dense weight is used in its own dtype (`x` is
-//! converted to it and the result back to `x`'s dtype); an NF4 weight computes in f32 (`x` of dtype bf16/f16/f64 is converted to f32 and back, through
+//! Dtypes: on the CPU an f32/bf16/f16 input takes the f32 kernels whatever the weight's storage (the
+//! input read as f32, the result stored in its dtype): an f32 weight directly, a bf16/f16 weight
+//! expanded to f32 a tile of rows at a time (so a bf16 model computes in f32 without an f32 copy of its
+//! weights). Elsewhere a dense weight is used in its own dtype (`x` is converted to it and the result
+//! back to `x`'s dtype); an NF4 weight computes in f32 (`x` converted to f32 and back, through
 //! differentiable conversions). Devices: the products run wherever candle runs (dense) or on the CPU
 //! (NF4; a GPU kernel would go into [`TiledProduct`]'s `cuda_fwd`). The bridge has only
 //! a `cpu_fwd` (it copies `y`): training on a GPU needs its `cuda_fwd` too (a device copy), not written
@@ -19,6 +20,7 @@
 
 use super::nf4::Nf4Weight;
 use super::tiled_matmul::HalfRows;
+use crate::kernels::is_cpu_activation;
 use crate::kernels::storage::with_matrix_f32;
 use crate::kernels::{frozen_gemm, DenseLinear, DenseProduct, MatRef};
 use candle_core::backend::BackendStorage;
@@ -94,15 +96,17 @@ impl FrozenWeight {
         }
     }
 
-    /// `x [..., in] -> x W^T [..., out]`. Gradients flow to `x` only; the weight never gets one.
+    /// `x [..., in] -> x W^T [..., out]`, in `x`'s dtype. Gradients flow to `x` only; the weight never
+    /// gets one.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (_, in_features) = self.dims()?;
         if x.rank() == 0 || x.dim(candle_core::D::Minus1)? != in_features {
             bail!("frozen linear: input {:?} does not end in {in_features}", x.dims())
         }
+        // The CPU products read f32/bf16/f16 inputs as they are; off that path an NF4 weight computes in f32.
         let compute_dtype = match self {
-            FrozenWeight::Dense(_) => x.dtype(),
-            FrozenWeight::Nf4(_) => DType::F32,
+            FrozenWeight::Nf4(_) if !(is_cpu_activation(x) && self.has_cpu_products()) => DType::F32,
+            _ => x.dtype(),
         };
         let x_in = if x.dtype() == compute_dtype { x.clone() } else { x.to_dtype(compute_dtype)? };
         let y = self.product(&x_in.detach(), false)?;
@@ -179,21 +183,22 @@ impl FrozenWeight {
 
     /// `x W^T` (or `x W` when `transposed`) over the last dimension, outside the graph, result in `x`'s dtype.
     fn product(&self, x: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let k = dims[dims.len() - 1];
-        let m = x.elem_count() / k.max(1);
+        if is_cpu_activation(x) && self.has_cpu_products() {
+            if let FrozenWeight::Dense(w) = self {
+                if w.dtype() == DType::F32 && x.dtype() == DType::F32 {
+                    let product = if transposed { DenseProduct::InputGrad } else { DenseProduct::Forward };
+                    return x.contiguous()?.apply_op2_no_bwd(&w.detach(), &DenseLinear(product));
+                }
+            }
+            return x.contiguous()?.apply_op1_no_bwd(&TiledProduct { weight: self.clone(), transposed });
+        }
         match self {
             FrozenWeight::Dense(w) => {
-                let w = w.detach();
-                if w.dtype() == DType::F32 && x.dtype() == DType::F32 && x.device().is_cpu() {
-                    let product = if transposed { DenseProduct::InputGrad } else { DenseProduct::Forward };
-                    return x.contiguous()?.apply_op2_no_bwd(&w, &DenseLinear(product));
-                }
-                if x.dtype() == DType::F32 && x.device().is_cpu() && self.has_cpu_products() {
-                    return x.contiguous()?.apply_op1_no_bwd(&TiledProduct { weight: self.clone(), transposed });
-                }
-                let x2 = x.reshape((m, k))?;
+                let dims = x.dims().to_vec();
+                let k = dims[dims.len() - 1];
+                let x2 = x.reshape((x.elem_count() / k.max(1), k))?;
                 let x2 = if x2.dtype() == w.dtype() { x2 } else { x2.to_dtype(w.dtype())? };
+                let w = w.detach();
                 let y = if transposed { x2.matmul(&w)? } else { x2.matmul(&w.t()?)? };
                 let y = if y.dtype() == x.dtype() { y } else { y.to_dtype(x.dtype())? };
                 let mut out = dims;
@@ -202,18 +207,15 @@ impl FrozenWeight {
                 }
                 y.reshape(out)
             }
-            FrozenWeight::Nf4(w) => {
+            FrozenWeight::Nf4(_) => {
                 if !x.device().is_cpu() {
                     bail!("frozen linear: the NF4 kernel runs on the CPU only, input is on {:?}", x.device())
                 }
-                let x32 =
-                    if x.dtype() == DType::F32 { x.contiguous()? } else { x.to_dtype(DType::F32)?.contiguous()? };
-                let y = x32.apply_op1_no_bwd(&TiledProduct { weight: FrozenWeight::Nf4(w.clone()), transposed })?;
-                if x.dtype() == DType::F32 {
-                    Ok(y)
-                } else {
-                    y.to_dtype(x.dtype())
-                }
+                let y = x
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&TiledProduct { weight: self.clone(), transposed })?;
+                y.to_dtype(x.dtype())
             }
         }
     }
@@ -238,9 +240,10 @@ fn with_half_rows<R>(w: &Tensor, f: impl FnOnce(HalfRows<'_>) -> crate::Result<R
     }
 }
 
-/// `x W^T` (or `g W` when `transposed`) of an f32 input with a weight stored more compactly than f32
-/// (NF4, or dense bf16/f16) on the CPU, expanded to f32 a tile of rows at a time
-/// ([`super::tiled_matmul`]); no backward: the frozen-linear bridge owns the gradient rule.
+/// `x W^T` (or `g W` when `transposed`) of an f32/bf16/f16 input (read as f32, the result in its dtype)
+/// with any weight the CPU products take; a weight stored more compactly than f32 (NF4, or dense
+/// bf16/f16) is expanded to f32 a tile of rows at a time ([`super::tiled_matmul`]); no backward: the
+/// frozen-linear bridge owns the gradient rule.
 #[derive(Debug, Clone)]
 struct TiledProduct {
     weight: FrozenWeight,
@@ -257,7 +260,8 @@ impl candle_core::CustomOp1 for TiledProduct {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = crate::kernels::storage::contiguous_f32(storage, layout, self.name())?;
+        let x = crate::kernels::storage::contiguous_values(storage, layout, self.name())?;
+        let x = &x[..];
         let (out_features, in_features) = self.weight.dims()?;
         let (k, n) = if self.transposed { (out_features, in_features) } else { (in_features, out_features) };
         let dims = layout.dims();
@@ -275,7 +279,7 @@ impl candle_core::CustomOp1 for TiledProduct {
         if let Some(l) = out_dims.last_mut() {
             *l = n;
         }
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        Ok((crate::kernels::storage::storage_in(out, storage.dtype())?, Shape::from(out_dims)))
     }
 }
 

@@ -3,9 +3,10 @@
 //!
 //! The parts: the loaded model (measured: the process's resident memory after loading), the trainable state
 //! (LoRA weights, the step's accumulated gradients, one micro-batch's gradients, AdamW's two moments: all
-//! f32), the checkpointed layer inputs (one `[tokens, hidden]` per layer in the residual stream's dtype),
-//! the activations of the layers that keep theirs (in the compute dtype), and the working set of the layer
-//! being recomputed and back-propagated plus the loss's logits block and the products' scratch tiles.
+//! f32), the checkpointed layer inputs (one `[tokens, hidden]` per layer), the activations of the layers
+//! that keep theirs (both in the model's activation dtype: a bf16 model keeps half the bytes of an f32
+//! one), and the working set of the layer being recomputed and back-propagated plus the loss's logits
+//! block and the products' scratch tiles.
 
 use candle_core::DType;
 
@@ -24,11 +25,12 @@ pub struct StepMemory {
     pub loaded: u64,
     /// LoRA weights, accumulated and per-micro-batch gradients, AdamW moments (f32).
     pub trainable: u64,
-    /// The checkpointed layer inputs (all layers), in the residual stream's dtype.
+    /// The checkpointed layer inputs (all layers), in the activation dtype.
     pub layer_inputs: u64,
     /// Activations of the layers that keep theirs (with checkpointing: the last `kept_layers`).
     pub kept_activations: u64,
-    /// One layer's recompute and backward, the loss's logits block, scratch tiles.
+    /// One layer's recompute and backward, the kernels' f32 copies of 16-bit activations, the loss's
+    /// logits block, scratch tiles.
     pub working: u64,
     /// Layers whose activations are kept.
     pub kept_layers: usize,
@@ -50,14 +52,14 @@ impl StepMemory {
     }
 }
 
-/// Estimated bytes of the activations one decoder layer keeps for its backward, for `tokens` tokens
-/// computed in `compute` with the residual stream stored in `storage`: the attention's normed input, queries,
-/// keys and values after RoPE and its output; the residual after attention and the feed-forward's normed input;
-/// the gate, up and gated product (per visited expert with MoE, with the expert's gathered input, plus the
-/// router logits); when the storage dtype is not the compute dtype, the layer's input and output in the compute
-/// dtype as well. A 20% margin covers per-row statistics, masks and allocator rounding (measured against peak
-/// RSS by `cargo bench --bench real_shapes`).
-pub fn layer_activation_bytes(config: &ModelConfig, tokens: usize, storage: DType, compute: DType) -> u64 {
+/// Estimated bytes of the activations one decoder layer keeps for its backward, for `tokens` tokens of
+/// activations stored in `dtype` (the kernels compute in f32 but keep their inputs and results in the
+/// activations' dtype): the attention's normed input, queries, keys and values after RoPE and its output;
+/// the residual after attention and the feed-forward's normed input; the gate, up and gated product (per
+/// visited expert with MoE, with the expert's gathered input, plus the router logits). A 20% margin covers
+/// per-row statistics (f32), LoRA dropout bitmasks (one bit per adapted input value), masks and allocator
+/// rounding (measured against peak RSS by `cargo bench --bench real_shapes`).
+pub fn layer_activation_bytes(config: &ModelConfig, tokens: usize, dtype: DType) -> u64 {
     let (h, i) = (config.hidden_size as u64, config.intermediate_size as u64);
     let q = (config.num_heads * config.head_dim) as u64;
     let kv = (config.num_kv_heads * config.head_dim) as u64;
@@ -66,8 +68,7 @@ pub fn layer_activation_bytes(config: &ModelConfig, tokens: usize, storage: DTyp
         Some(moe) => moe.experts_per_token as u64 * (h + 3 * i) + moe.num_experts as u64,
         None => 3 * i,
     };
-    let conversions = if storage == compute { 0 } else { 2 * h };
-    (attention + feed_forward + conversions) * compute.size_in_bytes() as u64 * tokens as u64 * 6 / 5
+    (attention + feed_forward) * dtype.size_in_bytes() as u64 * tokens as u64 * 6 / 5
 }
 
 /// What a training configuration needs.
@@ -77,10 +78,8 @@ pub struct StepShape<'a> {
     pub config: &'a ModelConfig,
     /// Tokens per micro-batch.
     pub tokens: usize,
-    /// The residual stream's (and the stored weights') dtype.
-    pub storage: DType,
-    /// The dtype layers compute in.
-    pub compute: DType,
+    /// The activations' (and the stored dense weights') dtype.
+    pub dtype: DType,
     /// Trainable parameters.
     pub trainable_parameters: usize,
     /// Per-layer gradient checkpointing.
@@ -90,19 +89,12 @@ pub struct StepShape<'a> {
 impl<'a> StepShape<'a> {
     /// The shape of a step of `tokens` tokens per micro-batch on `model`.
     pub fn for_model(model: &'a Model, tokens: usize, trainable_parameters: usize, checkpointing: bool) -> Self {
-        StepShape {
-            config: &model.config,
-            tokens,
-            storage: model.dtype,
-            compute: model.compute_dtype(),
-            trainable_parameters,
-            checkpointing,
-        }
+        StepShape { config: &model.config, tokens, dtype: model.dtype, trainable_parameters, checkpointing }
     }
 
     /// Estimated activations one layer keeps (see [`layer_activation_bytes`]).
     pub fn per_layer(&self) -> u64 {
-        layer_activation_bytes(self.config, self.tokens, self.storage, self.compute)
+        layer_activation_bytes(self.config, self.tokens, self.dtype)
     }
 
     /// The step's memory when the last `kept_layers` layers keep their activations (all of them without
@@ -115,7 +107,7 @@ impl<'a> StepShape<'a> {
         let kept_layers = if self.checkpointing { kept_layers.min(layers) } else { layers };
         let hidden = c.hidden_size as u64;
         let layer_inputs =
-            if self.checkpointing { layers as u64 * tokens * hidden * self.storage.size_in_bytes() as u64 } else { 0 };
+            if self.checkpointing { layers as u64 * tokens * hidden * self.dtype.size_in_bytes() as u64 } else { 0 };
         // Weights, the step's accumulated gradients, one micro-batch's gradients, two AdamW moments.
         let trainable = 5 * 4 * self.trainable_parameters as u64;
         // The loss: one block of logits (f32), the labelled rows' hidden states and their gradient.
@@ -125,12 +117,16 @@ impl<'a> StepShape<'a> {
         // `cargo bench --bench real_shapes` measures: Mistral-7B full depth at 512 and 2048 tokens, Mixtral and
         // Nemo cuts, f32 and bf16, all within 15%).
         let recompute = if self.checkpointing && kept_layers < layers { per_layer * 5 / 2 } else { per_layer };
+        // 16-bit activations: the kernel running at the peak holds f32 copies of its operands and results
+        // (input, output and their gradients) next to the 16-bit tensors, the largest `[tokens, intermediate]`.
+        let widest = c.hidden_size.max(c.intermediate_size).max(c.num_heads * c.head_dim) as u64;
+        let conversions = if self.dtype == DType::F32 { 0 } else { 4 * tokens * widest * 4 };
         StepMemory {
             loaded,
             trainable,
             layer_inputs,
             kept_activations: kept_layers as u64 * per_layer,
-            working: recompute + loss + TILE_BYTES,
+            working: recompute + conversions + loss + TILE_BYTES,
             kept_layers,
             layers,
             per_layer,
@@ -166,15 +162,8 @@ mod tests {
         ModelConfig::from_json_str(&j.to_string()).unwrap()
     }
 
-    fn shape(c: &ModelConfig, tokens: usize, storage: DType) -> StepShape<'_> {
-        StepShape {
-            config: c,
-            tokens,
-            storage,
-            compute: DType::F32,
-            trainable_parameters: 41_943_040,
-            checkpointing: true,
-        }
+    fn shape(c: &ModelConfig, tokens: usize, dtype: DType) -> StepShape<'_> {
+        StepShape { config: c, tokens, dtype, trainable_parameters: 41_943_040, checkpointing: true }
     }
 
     #[test]
@@ -183,10 +172,10 @@ mod tests {
         // Per token: normed input, q, k, v, attention output, residual, normed input again, gate, up, product:
         // 3 x 4096 (hidden) + 2 x 4096 (q, output) + 2 x 1024 (k, v) + 3 x 14336 (intermediate) = 65536 f32.
         let per_token = 65536u64 * 4;
-        assert_eq!(layer_activation_bytes(&c, 512, DType::F32, DType::F32), per_token * 512 * 6 / 5);
-        // A bf16 residual stream adds the layer's f32 input and output.
-        assert_eq!(layer_activation_bytes(&c, 512, DType::BF16, DType::F32), (65536 + 2 * 4096) * 4 * 512 * 6 / 5);
-        assert_eq!(layer_activation_bytes(&c, 1024, DType::F32, DType::F32), 2 * per_token * 512 * 6 / 5);
+        assert_eq!(layer_activation_bytes(&c, 512, DType::F32), per_token * 512 * 6 / 5);
+        // bf16 activations keep half the bytes.
+        assert_eq!(layer_activation_bytes(&c, 512, DType::BF16), per_token / 2 * 512 * 6 / 5);
+        assert_eq!(layer_activation_bytes(&c, 1024, DType::F32), 2 * per_token * 512 * 6 / 5);
     }
 
     #[test]

@@ -265,7 +265,7 @@ fn memory_plan(recipe: &Recipe, model: &Model, trainable_parameters: usize) -> (
                 (None, None) => ": the OS does not say what is free".to_string(),
             },
             gib(m.per_layer),
-            shape.compute.as_str()
+            shape.dtype.as_str()
         ),
     };
     let peak = format!(
@@ -274,7 +274,7 @@ fn memory_plan(recipe: &Recipe, model: &Model, trainable_parameters: usize) -> (
         gib(m.loaded),
         gib(m.trainable),
         gib(m.layer_inputs),
-        shape.storage.as_str(),
+        shape.dtype.as_str(),
         gib(m.kept_activations),
         gib(m.working)
     );
