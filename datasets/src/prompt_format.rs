@@ -8,9 +8,19 @@
 //!    mean v11 or later; `[SYSTEM_PROMPT]` in a sentencepiece-style vocabulary means v7 — but every tekken
 //!    vocabulary has `[SYSTEM_PROMPT]` (mistral-common's built-in list puts it at id 17 even for Nemo's v3), so in a
 //!    byte-level vocabulary it tells nothing;
-//! 3. the chat template of `tokenizer_config.json` beside it, where the tokens leave a choice: a template that
-//!    writes `[SYSTEM_PROMPT]` is v7 or later, one that writes `[CALL_ID]` is v11, `[ARGS]` without `[CALL_ID]`
-//!    v13; otherwise the oldest format the tokens allow.
+//! 3. the chat template beside it (`chat_template.jinja`, where transformers 5 writes it, else
+//!    `tokenizer_config.json`'s `chat_template`, else a processor's `chat_template.json`; see
+//!    [`crate::tokenizer_file::read_tokenizer_config`]), where the tokens leave a choice: a template that writes
+//!    `[SYSTEM_PROMPT]` is v7 or later, one that writes `[CALL_ID]` is v11, `[ARGS]` without `[CALL_ID]` v13;
+//!    otherwise the oldest format the tokens allow.
+//!
+//! What a `tokenizer.json` cannot say: transformers' converter of a tekken file
+//! (`transformers.integrations.mistral.convert_tekken_tokenizer`) writes the same `tokenizer.json` and
+//! `tokenizer_config.json` for a v3 and a v7 file (mistral-common's built-in special tokens, `[SYSTEM_PROMPT]`
+//! included; no version anywhere); only the chat template it attaches differs (`tests/fixtures/tekken/converted/`).
+//! Such a `tokenizer.json` alone therefore allows v3 and v7, and `auto` picks v3 (Nemo's format, the oldest a tekken
+//! vocabulary has shipped with); with a chat template it is v7 when the template writes `[SYSTEM_PROMPT]`, else v3
+//! alone.
 //!
 //! An explicit `prompt_format` outside what the tokenizer allows is an error naming both.
 
@@ -97,7 +107,8 @@ impl Declared {
     }
 
     /// From a `tokenizer.json`'s control tokens and, where they leave a choice, the chat template of its
-    /// `tokenizer_config.json` (`config`).
+    /// `tokenizer_config.json` (`config`, as [`crate::tokenizer_file::read_tokenizer_config`] reads it: with a
+    /// `chat_template.jinja` beside it as its `chat_template`).
     pub fn from_tokenizer_json(tokenizer: &Tokenizer, config: Option<&serde_json::Value>) -> Declared {
         use PromptFormat::*;
         let has = |t: &str| tokenizer.token_to_id(t).is_some();
@@ -107,7 +118,7 @@ impl Declared {
             .get_pre_tokenizer()
             .and_then(|p| serde_json::to_string(p).ok())
             .is_some_and(|p| p.contains("ByteLevel"));
-        let from_template = if template.is_empty() { "" } else { " and the chat template of tokenizer_config.json" };
+        let from_template = if template.is_empty() { "" } else { " and its chat template" };
         if !(has("[INST]") && has("[TOOL_CALLS]")) {
             return Declared::exactly(V1, "the tokenizer's tokens ([INST] is not a control token)");
         }
@@ -119,9 +130,13 @@ impl Declared {
             }
         } else if has("[SYSTEM_PROMPT]") && (!byte_level || in_template("[SYSTEM_PROMPT]")) {
             (vec![V7], "a [SYSTEM_PROMPT] token")
+        } else if has("[SYSTEM_PROMPT]") && template.is_empty() {
+            // A tekken vocabulary: [SYSTEM_PROMPT] is in mistral-common's built-in list for every version, and
+            // transformers' converter writes the same tokenizer.json for a v3 and a v7 file. Nothing else tells.
+            (vec![V3, V7], "a tekken vocabulary, which has [SYSTEM_PROMPT] in every version, and no chat template")
         } else if has("[SYSTEM_PROMPT]") {
-            // A tekken vocabulary: [SYSTEM_PROMPT] is in mistral-common's built-in list for every version.
-            (vec![V3, V7], "a tekken vocabulary whose template writes no [SYSTEM_PROMPT]")
+            // A v7 template writes [SYSTEM_PROMPT] (mistral-common's generated one does); one that does not is v3.
+            (vec![V3], "a tekken vocabulary whose chat template writes no [SYSTEM_PROMPT]")
         } else {
             (vec![V3, V2], "[INST]/[TOOL_CALLS] control tokens")
         };

@@ -68,13 +68,40 @@ pub fn declared_by_tekken(info: &TekkenInfo) -> Declared {
     }
 }
 
-/// `tokenizer_config.json` beside a tokenizer file, if there is one.
+/// `tokenizer_config.json` beside a tokenizer file, if there is one, with the chat template transformers reads
+/// for that directory as its `chat_template`: `chat_template.jinja` when there is one (transformers 5's
+/// `save_pretrained` writes the template there, not into `tokenizer_config.json`; the file wins over the config's
+/// key, as in transformers' loader), else the config's own `chat_template`, else the `chat_template` of a
+/// processor's `chat_template.json`. `None` when there is none of these files.
 pub fn read_tokenizer_config(tokenizer_path: &Path) -> Result<Option<serde_json::Value>> {
     let Some(dir) = tokenizer_path.parent() else { return Ok(None) };
-    let path = dir.join("tokenizer_config.json");
-    if !path.is_file() {
-        return Ok(None);
+    let read = |name: &str| -> Result<Option<String>> {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        std::fs::read_to_string(&path).map(Some).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    };
+    let json = |name: &str| -> Result<Option<serde_json::Value>> {
+        let Some(text) = read(name)? else { return Ok(None) };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Tokenizer(format!("{}: not JSON: {e}", dir.join(name).display())))
+    };
+    let mut config = json("tokenizer_config.json")?;
+    let has_template = config.as_ref().is_some_and(|c| c.get("chat_template").is_some());
+    let template = match read("chat_template.jinja")? {
+        Some(text) => Some(serde_json::Value::String(text)),
+        None if has_template => None,
+        None => json("chat_template.json")?.and_then(|v| v.get("chat_template").cloned()),
+    };
+    if let Some(template) = template {
+        match config.as_mut().and_then(serde_json::Value::as_object_mut) {
+            Some(map) => {
+                map.insert("chat_template".into(), template);
+            }
+            None => config = Some(serde_json::json!({ "chat_template": template })),
+        }
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::Tokenizer(format!("{}: not JSON: {e}", path.display())))
+    Ok(config)
 }
