@@ -5,7 +5,6 @@ use core::arch::x86::*;
 use core::arch::x86_64::*;
 use half::{bf16, f16};
 
-
 pub struct CurrentCpu {}
 
 const STEP: usize = 32;
