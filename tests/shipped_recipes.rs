@@ -117,9 +117,9 @@ fn every_shipped_recipe_trains_as_shipped_on_a_tiny_model_of_its_family() {
         std::fs::write(&copy, text.join("\n")).expect("write the copy");
         let mut sets = vec![
             format!("output.dir={}", tmp.path().join("run").display()),
-            format!("data.files=[\"{}\"]", repo("datasets/samples/pirate-chat.parquet").display()),
+            format!("data.files=[\"{}\"]", repo(sample_data(&name)).display()),
         ];
-        if name == "quickstart" {
+        if name.starts_with("quickstart") {
             // The bundled model, generated into the temporary directory.
             sets.push(format!("model.path={}", model.display()));
         } else {
@@ -148,5 +148,15 @@ fn every_shipped_recipe_trains_as_shipped_on_a_tiny_model_of_its_family() {
             .filter_map(|v| v["loss"].as_f64())
             .collect();
         assert!(!losses.is_empty() && losses.iter().all(|l| l.is_finite()), "recipes/{name}.toml: losses {losses:?}");
+    }
+}
+
+/// The bundled data a shipped recipe trains on in this test: preference pairs for the DPO quickstart, chats
+/// for every other.
+fn sample_data(recipe: &str) -> &'static str {
+    if recipe == "quickstart-dpo" {
+        "datasets/samples/pirate-preference.parquet"
+    } else {
+        "datasets/samples/pirate-chat.parquet"
     }
 }

@@ -3,7 +3,7 @@
 //! ```toml
 //! [data]
 //! files = ["train.parquet"]      # files and/or directories (every *.parquet, *.jsonl, *.json inside, sorted)
-//! format = "chat"                # text | instruct | chat | tools | tokens
+//! format = "chat"                # text | instruct | chat | tools | tokens | preference
 //! prompt_format = "auto"         # auto | v1 | v2 | v3 | v7 | v11 | v13 | v15
 //! max_seq_len = 2048
 //! packing = true
@@ -154,6 +154,9 @@ pub enum Format {
     Tools,
     /// Pre-tokenized `input_ids`, with optional `labels` (-100 = masked) or `loss_mask`.
     Tokens,
+    /// Preference pairs for DPO/ORPO: a `prompt` (text or messages) and a `chosen` and a `rejected` completion
+    /// (text, an assistant message, or a list of messages); see [`crate::preference`].
+    Preference,
 }
 
 impl Format {
@@ -165,6 +168,7 @@ impl Format {
             Format::Chat => "chat",
             Format::Tools => "tools",
             Format::Tokens => "tokens",
+            Format::Preference => "preference",
         }
     }
 }
@@ -237,8 +241,12 @@ pub enum OnInvalid {
 pub struct Columns {
     /// `text` format: the text column. Default `text`.
     pub text: String,
-    /// `instruct` format: the prompt column. Default `prompt`.
+    /// `instruct` and `preference` formats: the prompt column. Default `prompt`.
     pub prompt: String,
+    /// `preference` format: the preferred completion. Default `chosen`.
+    pub chosen: String,
+    /// `preference` format: the dispreferred completion. Default `rejected`.
+    pub rejected: String,
     /// `instruct` format: the completion column. Default `completion`.
     pub completion: String,
     /// `instruct` format, Alpaca style: the instruction column (used when `prompt` is absent). Default `instruction`.
@@ -248,7 +256,7 @@ pub struct Columns {
     pub input: String,
     /// `instruct` format, Alpaca style: the output column. Default `output`.
     pub output: String,
-    /// `instruct` format: an optional system-prompt column. Default `system`.
+    /// `instruct` and `preference` formats: an optional system-prompt column. Default `system`.
     pub system: String,
     /// `chat`/`tools` formats: the list of messages. Default `messages`.
     pub messages: String,
@@ -274,6 +282,8 @@ impl Default for Columns {
         Columns {
             text: "text".into(),
             prompt: "prompt".into(),
+            chosen: "chosen".into(),
+            rejected: "rejected".into(),
             completion: "completion".into(),
             instruction: "instruction".into(),
             input: "input".into(),

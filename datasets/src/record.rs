@@ -169,6 +169,17 @@ pub enum Layout {
         /// Tools column (required for `tools`, used when present for `chat`).
         tools: Option<String>,
     },
+    /// `preference`: a prompt and two completions.
+    Preference {
+        /// Prompt column (text or messages).
+        prompt: String,
+        /// Chosen completion column (text, a message, or messages).
+        chosen: String,
+        /// Rejected completion column (text, a message, or messages).
+        rejected: String,
+        /// Optional system column.
+        system: Option<String>,
+    },
     /// `tokens`.
     Tokens {
         /// Token ids column.
@@ -193,6 +204,8 @@ pub enum ColumnKind {
     Ids,
     /// A list of integers or booleans.
     Mask,
+    /// A string, a message struct, or a list of message structs (or a JSON string of either).
+    TextOrMessages,
 }
 
 impl ColumnKind {
@@ -204,6 +217,7 @@ impl ColumnKind {
             ColumnKind::Tools => "a JSON string, or a list of JSON strings or structs",
             ColumnKind::Ids => "a list of integers",
             ColumnKind::Mask => "a list of integers or booleans",
+            ColumnKind::TextOrMessages => "a string, a message struct or a list of message structs",
         }
     }
 }
@@ -253,6 +267,12 @@ impl Layout {
                 messages: need(&c.messages, "data.columns.messages")?,
                 tools: Some(need(&c.tools, "data.columns.tools")?),
             }),
+            Format::Preference => Ok(Layout::Preference {
+                prompt: need(&c.prompt, "data.columns.prompt")?,
+                chosen: need(&c.chosen, "data.columns.chosen")?,
+                rejected: need(&c.rejected, "data.columns.rejected")?,
+                system: optional(&c.system),
+            }),
             Format::Tokens => Ok(Layout::Tokens {
                 input_ids: need(&c.input_ids, "data.columns.input_ids")?,
                 labels: optional(&c.labels),
@@ -280,6 +300,12 @@ impl Layout {
             Layout::Chat { messages, tools } => {
                 v.push((messages, ColumnKind::Messages));
                 v.extend(tools.as_deref().map(|s| (s, ColumnKind::Tools)));
+            }
+            Layout::Preference { prompt, chosen, rejected, system } => {
+                v.push((prompt, ColumnKind::TextOrMessages));
+                v.push((chosen, ColumnKind::TextOrMessages));
+                v.push((rejected, ColumnKind::TextOrMessages));
+                v.extend(system.as_deref().map(|s| (s, ColumnKind::Text)));
             }
             Layout::Tokens { input_ids, labels, loss_mask } => {
                 v.push((input_ids, ColumnKind::Ids));
@@ -335,6 +361,9 @@ pub fn parse_record(layout: &Layout, config: &DataConfig, values: &mut [Json]) -
             };
             Ok(Record::Chat(Conversation { messages: msgs, tools }))
         }
+        Layout::Preference { .. } => {
+            Err(Problem::invalid("preference rows are pairs: they train with train.objective = \"dpo\" or \"orpo\""))
+        }
         Layout::Tokens { input_ids, labels, loss_mask } => {
             let ids = parse_ids(take(0), input_ids)?;
             let mut next = 1;
@@ -376,7 +405,8 @@ fn one_turn(system: Option<String>, prompt: String, completion: String) -> Conve
     Conversation { messages, tools: Vec::new() }
 }
 
-fn required_text(v: Json, column: &str) -> Result<String, Problem> {
+/// A string value, or a null/type problem naming `column`.
+pub fn required_text(v: Json, column: &str) -> Result<String, Problem> {
     match v {
         Json::Str(s) => Ok(s),
         Json::Null => Err(Problem::null(format!("column `{column}` is null"))),
@@ -384,7 +414,8 @@ fn required_text(v: Json, column: &str) -> Result<String, Problem> {
     }
 }
 
-fn optional_text(v: Json, column: &str) -> Result<Option<String>, Problem> {
+/// A string value or null, or a type problem naming `column`.
+pub fn optional_text(v: Json, column: &str) -> Result<Option<String>, Problem> {
     match v {
         Json::Null => Ok(None),
         v => required_text(v, column).map(Some),
@@ -419,7 +450,8 @@ pub fn parse_messages(v: Json, column: &str, config: &DataConfig) -> Result<Vec<
     Ok(out)
 }
 
-fn parse_message(item: Json, config: &DataConfig) -> Result<Message, Problem> {
+/// Parses one message object.
+pub fn parse_message(item: Json, config: &DataConfig) -> Result<Message, Problem> {
     let c = &config.columns;
     let Json::Object(fields) = item else {
         return Err(if item.is_null() {

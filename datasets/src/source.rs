@@ -219,6 +219,11 @@ fn type_fits(dt: &DataType, kind: ColumnKind) -> bool {
         }
         ColumnKind::Ids => list_item(dt).is_some_and(|t| t.is_integer()),
         ColumnKind::Mask => list_item(dt).is_some_and(|t| t.is_integer() || matches!(t, DataType::Boolean)),
+        ColumnKind::TextOrMessages => {
+            is_string(dt)
+                || matches!(dt, DataType::Struct(_))
+                || list_item(dt).is_some_and(|t| matches!(t, DataType::Struct(_)))
+        }
     }
 }
 

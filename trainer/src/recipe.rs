@@ -391,7 +391,32 @@ pub struct TrainSection {
     /// config's `router_aux_loss_coef` (0.001 for Mixtral). 0 turns it off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub router_aux_coef: Option<f64>,
+    /// What is optimized: `sft` (token cross-entropy, the default), `dpo` or `orpo` (preference tuning on
+    /// `data.format = "preference"` pairs; see [`crate::train::preference`]).
+    pub objective: Objective,
+    /// DPO's temperature / ORPO's lambda. Default 0.1 (TRL's).
+    pub beta: f64,
+    /// DPO's loss on the log-ratios: `sigmoid` (the paper's, default), `ipo` or `robust`.
+    pub loss_type: DpoLossType,
+    /// Robust DPO's probability that a preference label is flipped, in [0, 0.5). Default 0. (TRL 1.16's
+    /// `sigmoid` and `ipo` ignore label smoothing, so it must stay 0 with them.)
+    pub label_smoothing: f64,
 }
+
+/// `train.objective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Supervised fine-tuning: mean token cross-entropy of the trained tokens.
+    #[default]
+    Sft,
+    /// Direct Preference Optimization; the reference model is the base with the adapter switched off.
+    Dpo,
+    /// Odds Ratio Preference Optimization (no reference model).
+    Orpo,
+}
+
+pub use crate::train::DpoLossType;
 
 impl Default for TrainSection {
     fn default() -> Self {
@@ -413,6 +438,10 @@ impl Default for TrainSection {
             activation_memory_gib: None,
             matmul_precision: MatmulPrecision::Highest,
             router_aux_coef: None,
+            objective: Objective::Sft,
+            beta: 0.1,
+            loss_type: DpoLossType::Sigmoid,
+            label_smoothing: 0.0,
         }
     }
 }
@@ -431,6 +460,17 @@ impl TrainSection {
     /// once the model is loaded: [`crate::train::StepShape::default_budget`]).
     pub fn activation_memory_bytes(&self) -> Option<u64> {
         self.activation_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64)
+    }
+
+    /// The preference objective (`None` for `sft`).
+    pub fn preference(&self) -> Option<crate::train::PreferenceSettings> {
+        use crate::train::PreferenceObjective as P;
+        let objective = match self.objective {
+            Objective::Sft => return None,
+            Objective::Dpo => P::Dpo { loss_type: self.loss_type, label_smoothing: self.label_smoothing },
+            Objective::Orpo => P::Orpo,
+        };
+        Some(crate::train::PreferenceSettings { objective, beta: self.beta })
     }
 
     /// `epochs` or `max_steps` (1 epoch when neither is set).
@@ -833,6 +873,55 @@ impl Recipe {
         }
         if t.router_aux_coef.is_some_and(|c| !non_negative(c)) {
             return err("train.router_aux_coef", "must be at least 0 (0 turns the load-balancing loss off)");
+        }
+        let preference_data = self.data.format == datasets::Format::Preference;
+        match t.objective {
+            Objective::Sft if preference_data => {
+                return err(
+                    "train.objective",
+                    "data.format = \"preference\" holds chosen/rejected pairs: set train.objective = \"dpo\" or \"orpo\"",
+                )
+            }
+            Objective::Dpo | Objective::Orpo if !preference_data => {
+                return err(
+                    "data.format",
+                    format!(
+                        "train.objective = \"{}\" trains on chosen/rejected pairs: set data.format = \"preference\" (found \"{}\")",
+                        if t.objective == Objective::Dpo { "dpo" } else { "orpo" },
+                        self.data.format.name()
+                    ),
+                )
+            }
+            _ => {}
+        }
+        if !positive(t.beta) {
+            return err("train.beta", format!("must be positive (got {})", t.beta));
+        }
+        if !(0.0..0.5).contains(&t.label_smoothing) {
+            return err("train.label_smoothing", format!("must be in [0, 0.5) (got {})", t.label_smoothing));
+        }
+        if t.objective != Objective::Dpo && t.loss_type != DpoLossType::Sigmoid {
+            return err("train.loss_type", "applies to train.objective = \"dpo\" only");
+        }
+        if t.label_smoothing > 0.0 && !(t.objective == Objective::Dpo && t.loss_type == DpoLossType::Robust) {
+            return err(
+                "train.label_smoothing",
+                "is used by train.loss_type = \"robust\" only (TRL's sigmoid and ipo losses ignore it); set loss_type = \"robust\" or remove it",
+            );
+        }
+        if t.objective == Objective::Dpo {
+            if l.router == RouterMode::Full {
+                return err(
+                    "lora.router",
+                    "DPO's reference is the base model with the adapters switched off; a fully trained router (\"full\") cannot be switched off: use \"lora\" or \"frozen\"",
+                );
+            }
+            if l.init_from.is_some() {
+                return err(
+                    "lora.init_from",
+                    "DPO from an existing adapter is not supported yet (its reference would have to be that adapter, not the base model); start from a fresh adapter or use train.objective = \"orpo\"",
+                );
+            }
         }
         if self.eval.max_batches == Some(0) {
             return err("eval.max_batches", "must be at least 1 (or absent for the whole eval split)");

@@ -14,11 +14,13 @@ use crate::kernels::lora_linear::LoraLinear;
 use crate::kernels::{matmul, DropoutMask};
 use crate::quant::FrozenWeight;
 
-/// Shared switch and seed for the dropout of every adapter of a model.
+/// Shared switches of every adapter of a model: dropout (on/off and its seed) and whether the adapters
+/// apply at all (off = the base model, which preference tuning uses as its reference model).
 #[derive(Debug, Default)]
 pub struct DropoutControl {
     training: AtomicBool,
     seed: AtomicU64,
+    bypassed: AtomicBool,
 }
 
 impl DropoutControl {
@@ -31,6 +33,16 @@ impl DropoutControl {
     /// Turns dropout off (evaluation, generation).
     pub fn eval(&self) {
         self.training.store(false, Ordering::Relaxed);
+    }
+
+    /// Switches every adapter off (`false`: layers compute with their base weights only) or back on.
+    pub fn set_adapters_enabled(&self, enabled: bool) {
+        self.bypassed.store(!enabled, Ordering::Relaxed);
+    }
+
+    /// Whether the adapters apply (the default).
+    pub fn adapters_enabled(&self) -> bool {
+        !self.bypassed.load(Ordering::Relaxed)
     }
 
     fn seed_if_training(&self) -> Option<u64> {
@@ -53,6 +65,11 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// Whether this adapter applies now (see [`DropoutControl::set_adapters_enabled`]).
+    pub fn enabled(&self) -> bool {
+        self.control.adapters_enabled()
+    }
+
     /// An adapter from existing A and B.
     pub fn new(a: Var, b: Var, scale: f64, dropout: f64, id: u64, control: Arc<DropoutControl>) -> Self {
         LoraAdapter { a, b, scale, dropout, id, control }

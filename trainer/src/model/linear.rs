@@ -89,7 +89,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // The fused ops take `[..., in]` as it is: no reshape nodes (each would cost the backward a
         // gradient copy of the activation).
-        let fused = match (&self.base, &self.lora) {
+        // A switched-off adapter (the reference pass of preference tuning) leaves the base layer alone.
+        let lora = self.lora.as_ref().filter(|l| l.enabled());
+        let fused = match (&self.base, lora) {
             (LinearBase::Frozen(w), Some(lora)) => lora.forward_with_base(w, x)?,
             (LinearBase::Frozen(w), None) => Some(w.forward(x)?),
             _ => None,
@@ -107,7 +109,7 @@ impl Linear {
             // input's is differentiable.
             LinearBase::Trainable(w) => matmul(&x2, &w.to_dtype(x2.dtype())?.t()?)?,
         };
-        let y = match &self.lora {
+        let y = match lora {
             Some(lora) => (y + lora.delta(&x2)?)?,
             None => y,
         };

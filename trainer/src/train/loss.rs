@@ -60,20 +60,26 @@ impl ShiftedTargets {
     }
 }
 
-/// Sum over rows of `-log softmax(logits)[target]`, computed in f32. `logits` is `[n, vocab]`.
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// Per row `-log softmax(logits)[target]`, computed in f32. `logits` is `[n, vocab]`; the result is `[n]`.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
     if logits.device().is_cpu() && logits.rank() == 2 {
         let ids = targets.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-        return CrossEntropy::nll(&logits, &ids)?.sum_all();
+        return CrossEntropy::nll(&logits, &ids);
     }
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    log_probs.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
+    log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
 
-/// The summed negative log-likelihood of the labelled tokens, from final hidden states
-/// `[b, t, hidden]`; only labelled rows go through lm_head. Returns `None` when nothing is labelled.
-pub fn labelled_nll_sum(model: &Model, hidden: &Tensor, targets: &ShiftedTargets) -> Result<Option<Tensor>> {
+/// Sum over rows of `-log softmax(logits)[target]`, computed in f32. `logits` is `[n, vocab]`.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    cross_entropy_rows(logits, targets)?.sum_all()
+}
+
+/// The negative log-likelihood of each labelled token `[targets.len()]` (in `targets` order), from
+/// final hidden states `[b, t, hidden]`; only labelled rows go through lm_head. `None` when nothing is
+/// labelled.
+pub fn labelled_nll(model: &Model, hidden: &Tensor, targets: &ShiftedTargets) -> Result<Option<Tensor>> {
     if targets.is_empty() {
         return Ok(None);
     }
@@ -83,10 +89,16 @@ pub fn labelled_nll_sum(model: &Model, hidden: &Tensor, targets: &ShiftedTargets
     let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
     if let Some(weight) = model.lm_head.frozen_only() {
         if let Some(nll) = LinearCrossEntropy::nll(&picked, weight, &targets.targets)? {
-            return nll.sum_all().map(Some);
+            return Ok(Some(nll));
         }
     }
     let logits = model.logits(&picked)?;
     let goal = Tensor::from_vec(targets.targets.clone(), targets.len(), device)?;
-    cross_entropy_sum(&logits, &goal).map(Some)
+    cross_entropy_rows(&logits, &goal).map(Some)
+}
+
+/// The summed negative log-likelihood of the labelled tokens, from final hidden states
+/// `[b, t, hidden]`; only labelled rows go through lm_head. Returns `None` when nothing is labelled.
+pub fn labelled_nll_sum(model: &Model, hidden: &Tensor, targets: &ShiftedTargets) -> Result<Option<Tensor>> {
+    labelled_nll(model, hidden, targets)?.map(|nll| nll.sum_all()).transpose()
 }

@@ -8,6 +8,7 @@ pub mod loss;
 pub mod memory;
 pub mod metrics;
 pub mod optim;
+pub mod preference;
 pub mod report;
 pub mod run;
 pub mod run_checkpoint;
@@ -17,8 +18,15 @@ pub mod update;
 
 pub use memory::{layer_activation_bytes, StepMemory, StepShape};
 pub use optim::{AdamW, AdamWConfig};
+pub use preference::{
+    pair_forward_backward, pair_metrics, preference_step, DpoLossType, PairBatch, PairOutput, PreferenceMetrics,
+    PreferenceObjective, PreferenceSettings,
+};
 pub use report::{JsonReporter, ProgressReporter, QuietReporter, Reporter, RunSummary};
 pub use run::{run_training, RunOptions};
 pub use schedule::{Schedule, ScheduleKind};
-pub use step::{forward_backward, forward_backward_keeping, LossScaling, MicroBatch, MicroBatchOutput};
+pub use step::{
+    forward_backward, forward_backward_keeping, forward_backward_with_head, HeadLoss, HeadPass, LossScaling,
+    MicroBatch, MicroBatchOutput,
+};
 pub use update::{optimizer_step, StepProgress, StepReport, StepSettings};

@@ -41,7 +41,7 @@ pub struct EvalReport {
     pub step: u64,
     /// Mean token loss on the held-out split (if there is one).
     pub loss: Option<f64>,
-    /// `exp(loss)`.
+    /// `exp(loss)` (SFT only: `None` when the loss is a preference loss).
     pub perplexity: Option<f64>,
     /// Labelled tokens scored.
     pub tokens: usize,
@@ -167,6 +167,8 @@ struct LastStep {
     aux: Option<f64>,
     lr: f64,
     tokens_per_second: f64,
+    /// Preference tuning: `rewards/accuracies` and `rewards/margins`.
+    rewards: Option<(f64, f64)>,
 }
 
 /// The display for people: the header, then on a terminal an indicatif bar that advances per
@@ -269,9 +271,10 @@ impl ProgressReporter {
         }
         if let Some(l) = &self.last {
             text += &format!(
-                " | loss {:.4}{} | eval {} | lr {:.2e} | {:.0} tok/s",
+                " | loss {:.4}{}{} | eval {} | lr {:.2e} | {:.0} tok/s",
                 l.loss,
                 l.aux.map_or(String::new(), |a| format!(" (aux {a:.3})")),
+                l.rewards.map_or(String::new(), |(a, m)| format!(" | reward acc {a:.2} margin {m:.3}")),
                 self.eval_loss.map_or("-".into(), |e| format!("{e:.4}")),
                 l.lr,
                 l.tokens_per_second
@@ -349,7 +352,8 @@ impl Reporter for ProgressReporter {
         self.done_in_step = 0;
         self.total_steps = total;
         self.steps_done = r.step;
-        self.last = Some(LastStep { loss: r.loss, aux: r.aux, lr: r.lr, tokens_per_second: tps });
+        let rewards = r.preference.as_ref().map(|m| (m.rewards_accuracies, m.rewards_margins));
+        self.last = Some(LastStep { loss: r.loss, aux: r.aux, lr: r.lr, tokens_per_second: tps, rewards });
         self.refresh_bar();
         if !self.interactive && (r.step.is_multiple_of(self.log_every) || r.step == total || self.quiet_too_long()) {
             self.progress_line();
@@ -360,7 +364,10 @@ impl Reporter for ProgressReporter {
     fn eval(&mut self, e: &EvalReport) {
         self.eval_loss = e.loss.or(self.eval_loss);
         if let Some(loss) = e.loss {
-            self.println(&format!("eval @ step {}: loss {loss:.4}, perplexity {:.3}", e.step, loss.exp()));
+            match e.perplexity {
+                Some(p) => self.println(&format!("eval @ step {}: loss {loss:.4}, perplexity {p:.3}", e.step)),
+                None => self.println(&format!("eval @ step {}: loss {loss:.4}", e.step)),
+            }
         }
         for (prompt, answer) in &e.samples {
             self.println(&format!("  {prompt} -> {answer}"));
@@ -504,6 +511,7 @@ mod tests {
             lr: 1e-4,
             expert_load: Vec::new(),
             applied: true,
+            preference: None,
         }
     }
 

@@ -12,6 +12,7 @@ use super::evaluate::{eval_loss, micro_batch, sample_completions};
 use super::memory::StepShape;
 use super::metrics::{rewind_jsonl, JsonlSink, MetricRecord, MetricsSink, TensorBoardSink};
 use super::optim::{AdamW, AdamWConfig};
+use super::preference::{pair_metrics, preference_step, PairBatch, PreferenceMetrics};
 use super::report::{EvalReport, Reporter, RunHeader, RunSummary};
 use super::run_checkpoint::{latest_checkpoint, recover_dir, replace_dir, save_checkpoint, sibling, RunCheckpoint};
 use super::schedule::Schedule;
@@ -143,8 +144,10 @@ struct Session {
     encoder: datasets::Encoder,
     params: TrainableParams,
     settings: LoraSettings,
-    batches: datasets::Batches,
+    stream: Stream,
     eval_batches: Vec<MicroBatch>,
+    /// Preference tuning: the held-out pair batches.
+    eval_pairs: Vec<PairBatch>,
     header: RunHeader,
     /// With checkpointing, the activation bytes a micro-batch may keep (see [`memory_plan`]).
     activation_budget: Option<u64>,
@@ -158,7 +161,11 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
     let config = ModelConfig::from_path(model_dir)?;
     let tokenizer = ModelTokenizer::load(model_dir, &config)?;
     let encoder = tokenizer.encoder(recipe.data.prompt_format)?;
-    let data = datasets::load(&recipe.data, &encoder, recipe.train.seed).map_err(|e| Error::Invalid(e.to_string()))?;
+    // The data first: a bad row is reported before the model is loaded.
+    let data = match recipe.train.preference() {
+        Some(_) => open_pairs(recipe, &encoder)?,
+        None => open_sft(recipe, &encoder)?,
+    };
     let dtype = match recipe.model.dtype {
         Dtype::Auto | Dtype::F32 => candle_core::DType::F32,
         Dtype::Bf16 => candle_core::DType::BF16,
@@ -177,24 +184,7 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
         None => LoraInit::Seed(recipe.train.seed),
     };
     let params = attach_lora(&mut model, &plan, &init)?;
-    let pad = encoder.eos_id();
-    let batches = datasets::Batches::new(data.train.clone(), recipe.batch_config(pad))
-        .map_err(|e| Error::Invalid(e.to_string()))?;
-    let eval_batches = match &data.eval {
-        Some(eval) if !eval.is_empty() => {
-            let cfg = recipe.batch_config(pad).unshuffled();
-            let mut b = datasets::Batches::new(eval.clone(), cfg).map_err(|e| Error::Invalid(e.to_string()))?;
-            let mut all: Vec<MicroBatch> = b.rest_of_epoch().iter().map(micro_batch).collect();
-            if let Some(max) = recipe.eval.max_batches {
-                all.truncate(max);
-            }
-            all
-        }
-        _ => Vec::new(),
-    };
     let counts = ParameterCounts::from_config(&config);
-    let stats = &data.train.stats;
-    let packing = batches.packing_stats();
     let model_bytes = model_memory_bytes(&model);
     let (activation_budget, memory_plan) = memory_plan(recipe, &model, params.count());
     let header = RunHeader {
@@ -213,22 +203,124 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
         trainable_parameters: params.count(),
         total_parameters: counts.total,
         model_bytes,
-        data_summary: format!(
-            "{} examples, {} tokens ({:.1}% trained), {} held out; {} truncated, {} dropped; packing {:.1}% full",
-            stats.examples,
-            stats.tokens,
-            100.0 * stats.trained_fraction(),
-            data.eval.as_ref().map_or(0, |e| e.len()),
-            stats.truncated,
-            stats.dropped_too_long,
-            100.0 * packing.efficiency
-        ),
+        data_summary: data.summary,
         total_steps: 0,
         start_step: 0,
         run_dir: run_dir.root.display().to_string(),
         memory_plan,
     };
-    Ok(Session { model, tokenizer, encoder, params, settings, batches, eval_batches, header, activation_budget })
+    Ok(Session {
+        model,
+        tokenizer,
+        encoder,
+        params,
+        settings,
+        stream: data.stream,
+        eval_batches: data.eval_batches,
+        eval_pairs: data.eval_pairs,
+        header,
+        activation_budget,
+    })
+}
+
+/// The training data stream: packed sequences (SFT) or pairs (DPO/ORPO).
+enum Stream {
+    Sft(datasets::Batches),
+    Pairs(datasets::PairBatches),
+}
+
+impl Stream {
+    fn position(&self) -> datasets::DataPosition {
+        match self {
+            Stream::Sft(b) => b.position(),
+            Stream::Pairs(b) => b.position(),
+        }
+    }
+
+    fn total_batches(&self, epochs: u64) -> u64 {
+        match self {
+            Stream::Sft(b) => b.total_batches(epochs),
+            Stream::Pairs(b) => epochs * b.batches_per_epoch() as u64,
+        }
+    }
+}
+
+/// A run's data: the training stream, the held-out batches and the header's line about them.
+struct RunData {
+    stream: Stream,
+    eval_batches: Vec<MicroBatch>,
+    eval_pairs: Vec<PairBatch>,
+    summary: String,
+}
+
+/// SFT data: encoded examples, packed.
+fn open_sft(recipe: &Recipe, encoder: &datasets::Encoder) -> Result<RunData> {
+    let data = datasets::load(&recipe.data, encoder, recipe.train.seed).map_err(|e| Error::Invalid(e.to_string()))?;
+    let pad = encoder.eos_id();
+    let batches = datasets::Batches::new(data.train.clone(), recipe.batch_config(pad))
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let eval_batches = match &data.eval {
+        Some(eval) if !eval.is_empty() => {
+            let cfg = recipe.batch_config(pad).unshuffled();
+            let mut b = datasets::Batches::new(eval.clone(), cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+            let mut all: Vec<MicroBatch> = b.rest_of_epoch().iter().map(micro_batch).collect();
+            if let Some(max) = recipe.eval.max_batches {
+                all.truncate(max);
+            }
+            all
+        }
+        _ => Vec::new(),
+    };
+    let stats = &data.train.stats;
+    let packing = batches.packing_stats();
+    let summary = format!(
+        "{} examples, {} tokens ({:.1}% trained), {} held out; {} truncated, {} dropped; packing {:.1}% full",
+        stats.examples,
+        stats.tokens,
+        100.0 * stats.trained_fraction(),
+        data.eval.as_ref().map_or(0, |e| e.len()),
+        stats.truncated,
+        stats.dropped_too_long,
+        100.0 * packing.efficiency
+    );
+    Ok(RunData { stream: Stream::Sft(batches), eval_batches, eval_pairs: Vec::new(), summary })
+}
+
+/// Preference data (`data.format = "preference"`): pairs, never packed.
+fn open_pairs(recipe: &Recipe, encoder: &datasets::Encoder) -> Result<RunData> {
+    let data =
+        datasets::load_pairs(&recipe.data, encoder, recipe.train.seed).map_err(|e| Error::Invalid(e.to_string()))?;
+    let pad = encoder.eos_id();
+    let multiple = recipe.data.pad_to_multiple_of;
+    let mbs = recipe.train.micro_batch_size;
+    let batches =
+        datasets::PairBatches::new(data.train.clone(), mbs, recipe.data.shuffle, recipe.train.seed, pad, multiple)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut eval_pairs = Vec::new();
+    if let Some(eval) = data.eval.as_ref().filter(|e| !e.is_empty()) {
+        let mut b = datasets::PairBatches::new(eval.clone(), mbs, false, 0, pad, multiple)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        eval_pairs = b.rest_of_epoch().iter().map(PairBatch::from_data).collect();
+        if let Some(max) = recipe.eval.max_batches {
+            eval_pairs.truncate(max);
+        }
+    }
+    let st = &data.train.stats;
+    let summary = format!(
+        "{} preference pairs ({} prompt, {} chosen, {} rejected tokens), {} held out; {} too long dropped, {} prompts \
+         and {} completions truncated, {} invalid and {} null skipped; pairs are never packed",
+        st.pairs,
+        st.prompt_tokens,
+        st.chosen_tokens,
+        st.rejected_tokens,
+        data.eval.as_ref().map_or(0, |e| e.len()),
+        st.dropped_too_long,
+        st.truncated_prompts,
+        st.truncated_completions,
+        st.skipped_invalid,
+        st.skipped_null
+    );
+    Ok(RunData { stream: Stream::Pairs(batches), eval_batches: Vec::new(), eval_pairs, summary })
 }
 
 /// The step's memory plan, once the model is loaded: the activation budget (the recipe's, else what stays
@@ -238,7 +330,8 @@ fn memory_plan(recipe: &Recipe, model: &Model, trainable_parameters: usize) -> (
     let t = &recipe.train;
     let shape = StepShape::for_model(
         model,
-        t.micro_batch_size * recipe.data.max_seq_len,
+        // A pair micro-batch has two rows per pair.
+        t.micro_batch_size * recipe.data.max_seq_len * if t.preference().is_some() { 2 } else { 1 },
         trainable_parameters,
         t.gradient_checkpointing,
     );
@@ -317,10 +410,10 @@ fn model_memory_bytes(model: &Model) -> u64 {
 }
 
 /// Optimizer steps the recipe asks for.
-fn total_steps(recipe: &Recipe, batches: &datasets::Batches) -> u64 {
+fn total_steps(recipe: &Recipe, stream: &Stream) -> u64 {
     match recipe.train.duration() {
         crate::recipe::Duration::Steps(s) => s,
-        crate::recipe::Duration::Epochs(e) => batches.total_batches(e).div_ceil(recipe.train.grad_accum_steps as u64),
+        crate::recipe::Duration::Epochs(e) => stream.total_batches(e).div_ceil(recipe.train.grad_accum_steps as u64),
     }
 }
 
@@ -340,7 +433,8 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
     crate::kernels::set_matmul_precision(recipe.train.matmul_precision);
     let run_dir = RunDir { root: recipe.output.dir.clone() };
     let mut s = open_session(recipe, &run_dir)?;
-    let total = total_steps(recipe, &s.batches);
+    let preference = recipe.train.preference();
+    let total = total_steps(recipe, &s.stream);
     let trainable_bytes = (s.params.count() * 4) as u64;
     check_output_dir(&run_dir.root, trainable_bytes * 4)?;
     std::fs::write(run_dir.root.join("recipe.toml"), recipe.to_toml())
@@ -367,7 +461,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
     };
 
     let mut state =
-        LoopState { step: 0, data: s.batches.position(), best_eval_loss: None, last_eval_loss: None, tokens: 0 };
+        LoopState { step: 0, data: s.stream.position(), best_eval_loss: None, last_eval_loss: None, tokens: 0 };
     let resumed = if opts.resume { latest_checkpoint(&run_dir.checkpoints())? } else { None };
     if let Some(ckpt) = &resumed {
         restore(&mut s, &mut optimizer, ckpt, recipe)?;
@@ -426,21 +520,44 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
             break;
         }
         let step_start = Instant::now();
-        let mbs: Vec<MicroBatch> = (0..t.grad_accum_steps).map(|_| micro_batch(&s.batches.next_batch())).collect();
         let dropout_seed = t.seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(state.step);
         // `report.step` counts steps done (1 = the first), like metrics, checkpoints and evaluations.
         let step_number = state.step + 1;
-        let report = optimizer_step(
-            state.step,
-            &s.model,
-            &s.params,
-            &mut optimizer,
-            &schedule,
-            &mbs,
-            &step_settings,
-            dropout_seed,
-            &mut |p| reporter.micro_batch(step_number, p.done, p.of, p.tokens),
-        )?;
+        let mut progress = |p: super::update::StepProgress| reporter.micro_batch(step_number, p.done, p.of, p.tokens);
+        let report = match (&mut s.stream, &preference) {
+            (Stream::Pairs(pairs), Some(pref)) => {
+                let mbs: Vec<PairBatch> =
+                    (0..t.grad_accum_steps).map(|_| PairBatch::from_data(&pairs.next_batch())).collect();
+                preference_step(
+                    state.step,
+                    &s.model,
+                    &s.params,
+                    &mut optimizer,
+                    &schedule,
+                    &mbs,
+                    pref,
+                    &step_settings,
+                    dropout_seed,
+                    &mut progress,
+                )?
+            }
+            (Stream::Sft(batches), _) => {
+                let mbs: Vec<MicroBatch> =
+                    (0..t.grad_accum_steps).map(|_| micro_batch(&batches.next_batch())).collect();
+                optimizer_step(
+                    state.step,
+                    &s.model,
+                    &s.params,
+                    &mut optimizer,
+                    &schedule,
+                    &mbs,
+                    &step_settings,
+                    dropout_seed,
+                    &mut progress,
+                )?
+            }
+            (Stream::Pairs(_), None) => return Err(Error::Invalid("pair data without a preference objective".into())),
+        };
         if !report.applied {
             bad_steps += 1;
             reporter.warn(&format!(
@@ -448,7 +565,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
                 report.step, report.loss, report.grad_norm
             ));
             if bad_steps >= MAX_BAD_STEPS {
-                state.data = s.batches.position();
+                state.data = s.stream.position();
                 save_ckpt(&s, &optimizer, &state, reporter)?;
                 for sink in &mut sinks {
                     sink.flush()?;
@@ -467,7 +584,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
         }
         state.step += 1;
         state.tokens += report.tokens as u64;
-        state.data = s.batches.position();
+        state.data = s.stream.position();
         let tps = report.tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
         reporter.step(&report, total, tps);
         let every = recipe.logging.every_steps.max(1);
@@ -536,6 +653,9 @@ fn train_record(r: &StepReport, tps: f64, step: u64) -> MetricRecord {
     if let Some(aux) = r.aux {
         scalars.push(("aux_loss".to_string(), aux));
     }
+    if let Some(m) = &r.preference {
+        scalars.extend(m.scalars().into_iter().map(|(k, v)| (k.to_string(), v)));
+    }
     for (l, load) in r.expert_load.iter().enumerate() {
         for (e, x) in load.iter().enumerate() {
             scalars.push((format!("expert_load/layer{l}/expert{e}"), *x as f64));
@@ -554,16 +674,29 @@ fn evaluate(
     run_dir: &RunDir,
     base_name: &str,
 ) -> Result<()> {
-    let (loss, tokens) = eval_loss(&s.model, &s.eval_batches)?;
+    let (mut loss, tokens) = eval_loss(&s.model, &s.eval_batches)?;
+    let mut pair_scalars = Vec::new();
+    if let (Some(pref), false) = (recipe.train.preference(), s.eval_pairs.is_empty()) {
+        let all = s
+            .eval_pairs
+            .iter()
+            .map(|pb| pair_metrics(&s.model, &s.params, pb, &pref))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let m = PreferenceMetrics::mean(&all);
+        loss = Some(m.loss);
+        pair_scalars = m.scalars().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    }
     let samples =
         sample_completions(&s.model, &s.tokenizer, &s.encoder, &recipe.eval.prompts, recipe.eval.max_new_tokens)?;
-    let report = EvalReport { step: state.step, loss, perplexity: loss.map(f64::exp), tokens, samples };
+    let perplexity = if pair_scalars.is_empty() { loss.map(f64::exp) } else { None };
+    let report = EvalReport { step: state.step, loss, perplexity, tokens, samples };
     if let Some(loss) = loss {
-        let record = MetricRecord {
-            kind: "eval".into(),
-            step: state.step,
-            scalars: vec![("loss".into(), loss), ("perplexity".into(), loss.exp())],
-        };
+        let mut scalars = vec![("loss".into(), loss)];
+        if pair_scalars.is_empty() {
+            scalars.push(("perplexity".into(), loss.exp()));
+        }
+        scalars.extend(pair_scalars);
+        let record = MetricRecord { kind: "eval".into(), step: state.step, scalars };
         for sink in sinks.iter_mut() {
             sink.record(&record)?;
         }
@@ -620,7 +753,12 @@ fn restore(s: &mut Session, optimizer: &mut AdamW, ckpt: &RunCheckpoint, recipe:
     let pos: datasets::DataPosition = serde_json::from_value(ckpt.state["data"].clone())
         .map_err(|e| Error::Invalid(format!("checkpoint step {}: bad data position: {e}", ckpt.step)))?;
     let pad = s.encoder.eos_id();
-    s.batches = datasets::Batches::resume(s.batches.data().clone(), recipe.batch_config(pad), pos)
-        .map_err(|e| Error::Invalid(format!("cannot resume the data stream: {e}")))?;
+    let resumed = |e: datasets::Error| Error::Invalid(format!("cannot resume the data stream: {e}"));
+    s.stream = match &s.stream {
+        Stream::Sft(b) => {
+            Stream::Sft(datasets::Batches::resume(b.data().clone(), recipe.batch_config(pad), pos).map_err(resumed)?)
+        }
+        Stream::Pairs(b) => Stream::Pairs(b.clone().resume(pos).map_err(resumed)?),
+    };
     Ok(())
 }

@@ -95,13 +95,70 @@ pub fn forward_backward_keeping(
     checkpointing: bool,
     keep_last: usize,
 ) -> Result<MicroBatchOutput> {
+    let targets = ShiftedTargets::new(&mb.labels, mb.batch, model.config.vocab_size, mb.documents.as_deref())?;
+    let normalizer = scaling.label_tokens.max(1) as f64;
+    let mut head = |hidden: &Tensor| -> Result<Option<HeadLoss>> {
+        Ok(match labelled_nll_sum(model, hidden, &targets)? {
+            Some(nll) => {
+                let value = nll.to_scalar::<f32>()? as f64;
+                Some(HeadLoss { objective: (nll / normalizer)?, value })
+            }
+            None => None,
+        })
+    };
+    let aux_scale = scaling.aux_coef * scaling.aux_weight;
+    let pass = forward_backward_with_head(model, params, mb, &mut head, aux_scale, checkpointing, keep_last)?;
+    Ok(MicroBatchOutput {
+        nll_sum: pass.head_value,
+        label_tokens: targets.len(),
+        aux: pass.aux,
+        expert_load: pass.expert_load,
+        grads: pass.grads,
+    })
+}
+
+/// What a loss head makes of the final hidden states (after the final norm).
+#[derive(Debug, Clone)]
+pub struct HeadLoss {
+    /// The scalar to back-propagate: this micro-batch's share of the step's loss.
+    pub objective: Tensor,
+    /// A number to hand back to the caller (the summed NLL for SFT).
+    pub value: f64,
+}
+
+/// What [`forward_backward_with_head`] produced.
+#[derive(Debug, Clone)]
+pub struct HeadPass {
+    /// The head's [`HeadLoss::value`] (0 when it returned nothing).
+    pub head_value: f64,
+    /// The load-balancing loss (MoE only).
+    pub aux: Option<f64>,
+    /// Per-layer expert load (MoE only).
+    pub expert_load: Vec<Vec<f32>>,
+    /// Gradient of `head objective + aux_scale * aux` for each trainable tensor, in `params.named` order.
+    pub grads: Vec<Option<Tensor>>,
+}
+
+/// The forward and backward of one micro-batch for any loss computed from the final hidden states:
+/// `head` turns them (`[b, t, hidden]`, differentiable) into the objective (or `None`: nothing to
+/// train), and `aux_scale * aux` is added for MoE models. With `checkpointing`, layers are recomputed
+/// one at a time in the backward (the last `keep_last` keep their activations). SFT's
+/// [`forward_backward_keeping`] and preference tuning ([`super::preference`]) are both this pass.
+pub fn forward_backward_with_head(
+    model: &Model,
+    params: &TrainableParams,
+    mb: &MicroBatch,
+    head: &mut dyn FnMut(&Tensor) -> Result<Option<HeadLoss>>,
+    aux_scale: f64,
+    checkpointing: bool,
+    keep_last: usize,
+) -> Result<HeadPass> {
     let (b, t) = (mb.batch, mb.seq_len);
     if mb.input_ids.len() != b * t || mb.labels.len() != b * t {
         candle_core::bail!("micro-batch: {} ids and {} labels for {b} x {t}", mb.input_ids.len(), mb.labels.len());
     }
     let device = &model.device;
     let ids = Tensor::from_vec(mb.input_ids.clone(), (b, t), device)?;
-    let targets = ShiftedTargets::new(&mb.labels, b, model.config.vocab_size, mb.documents.as_deref())?;
     let layout = Layout {
         positions: mb.positions.as_deref(),
         documents: mb.documents.as_deref(),
@@ -109,8 +166,6 @@ pub fn forward_backward_keeping(
     };
     let valid_rows = valid_row_index(mb.valid.as_deref(), device)?;
     let k = model.config.moe.as_ref().map_or(0, |m| m.experts_per_token);
-    let aux_scale = scaling.aux_coef * scaling.aux_weight;
-    let normalizer = scaling.label_tokens.max(1) as f64;
     let mut grads: Vec<Option<Tensor>> = vec![None; params.named.len()];
     let stats_of = |logits: &[Tensor]| -> Result<Option<RoutingStats>> {
         if logits.is_empty() {
@@ -146,10 +201,10 @@ pub fn forward_backward_keeping(
         let hidden = model.final_norm(hv.as_tensor())?;
         let mut nll_sum = 0.0;
         // The gradient flowing into the current layer's output; `None` while it is zero.
-        let mut g = match labelled_nll_sum(model, &hidden, &targets)? {
-            Some(nll) => {
-                nll_sum = nll.to_scalar::<f32>()? as f64;
-                let store = (nll / normalizer)?.backward()?;
+        let mut g = match head(&hidden)? {
+            Some(loss) => {
+                nll_sum = loss.value;
+                let store = loss.objective.backward()?;
                 add_grads(&store, params, &mut grads)?;
                 store.get(hv.as_tensor()).cloned()
             }
@@ -200,9 +255,9 @@ pub fn forward_backward_keeping(
         let stats = stats_of(&out.router_logits)?;
         let mut loss: Option<Tensor> = None;
         let mut nll_sum = 0.0;
-        if let Some(nll) = labelled_nll_sum(model, &out.hidden, &targets)? {
-            nll_sum = nll.to_scalar::<f32>()? as f64;
-            loss = Some((nll / normalizer)?);
+        if let Some(head_loss) = head(&out.hidden)? {
+            nll_sum = head_loss.value;
+            loss = Some(head_loss.objective);
         }
         let mut aux = 0.0;
         if let Some(stats) = &stats {
@@ -223,11 +278,5 @@ pub fn forward_backward_keeping(
         }
         (nll_sum, stats.as_ref().map(|_| aux), stats)
     };
-    Ok(MicroBatchOutput {
-        nll_sum,
-        label_tokens: targets.len(),
-        aux,
-        expert_load: stats.map(|s| s.expert_load).unwrap_or_default(),
-        grads,
-    })
+    Ok(HeadPass { head_value: nll_sum, aux, expert_load: stats.map(|s| s.expert_load).unwrap_or_default(), grads })
 }

@@ -67,6 +67,9 @@ pub struct StepReport {
     pub expert_load: Vec<Vec<f32>>,
     /// False when the loss or a gradient was NaN/inf and the update was skipped.
     pub applied: bool,
+    /// Preference tuning (DPO/ORPO): the step's metrics under TRL's names, averaged over its micro-batches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preference: Option<super::preference::PreferenceMetrics>,
 }
 
 fn labelled_tokens(mb: &MicroBatch, vocab: usize) -> Result<usize> {
@@ -98,9 +101,7 @@ pub fn optimizer_step(
     let mut expert_load: Vec<Vec<f32>> = Vec::new();
     for (i, mb) in micro_batches.iter().enumerate() {
         params.dropout.train_with_seed(dropout_seed.wrapping_add(i as u64));
-        let keep = settings
-            .activation_budget
-            .map_or(0, |b| StepShape::for_model(model, mb.input_ids.len(), 0, true).layers_within(b));
+        let keep = kept_layers(model, mb.input_ids.len(), settings);
         let out = forward_backward_keeping(model, params, mb, &scaling, settings.checkpointing, keep)?;
         nll += out.nll_sum;
         let mb_tokens = mb.valid.as_ref().map_or(mb.input_ids.len(), |v| v.iter().filter(|x| **x).count());
@@ -109,14 +110,7 @@ pub fn optimizer_step(
             aux_sum += a;
             aux_seen = true;
         }
-        if expert_load.is_empty() {
-            expert_load = out.expert_load.iter().map(|l| vec![0.0; l.len()]).collect();
-        }
-        for (acc, layer) in expert_load.iter_mut().zip(&out.expert_load) {
-            for (a, x) in acc.iter_mut().zip(layer) {
-                *a += x / micro_batches.len() as f32;
-            }
-        }
+        add_expert_load(&mut expert_load, &out.expert_load, micro_batches.len());
         accumulate(&mut grads, out.grads)?;
         progress(StepProgress { done: i + 1, of: micro_batches.len(), tokens: mb_tokens });
     }
@@ -125,12 +119,57 @@ pub fn optimizer_step(
     let ce = nll / label_tokens.max(1) as f64;
     let aux = aux_seen.then_some(aux_sum / n);
     let loss = ce + aux_coef * aux.unwrap_or(0.0);
-    let grad_norm = clip_global_norm(&mut grads, settings.max_grad_norm)?;
+    let (grad_norm, lr, applied) = apply_update(step, params, optimizer, schedule, &mut grads, loss, settings)?;
+    Ok(StepReport {
+        step: step + 1,
+        loss,
+        ce,
+        aux,
+        label_tokens,
+        tokens,
+        grad_norm,
+        lr,
+        expert_load,
+        applied,
+        preference: None,
+    })
+}
+
+/// The end of every optimizer step: clips the accumulated `grads` by global norm and, when `loss` and
+/// the norm are finite, applies AdamW at the schedule's learning rate for `step`. Returns the norm
+/// before clipping, the learning rate, and whether the update was applied.
+pub fn apply_update(
+    step: u64,
+    params: &TrainableParams,
+    optimizer: &mut AdamW,
+    schedule: &Schedule,
+    grads: &mut [Option<Tensor>],
+    loss: f64,
+    settings: &StepSettings,
+) -> Result<(f64, f64, bool)> {
+    let grad_norm = clip_global_norm(grads, settings.max_grad_norm)?;
     let lr = schedule.lr(step);
     let applied = loss.is_finite() && grad_norm.is_finite();
     if applied {
         let vars: Vec<&Var> = params.named.iter().map(|(_, v)| v).collect();
-        optimizer.step(&vars, &grads, lr)?;
+        optimizer.step(&vars, grads, lr)?;
     }
-    Ok(StepReport { step: step + 1, loss, ce, aux, label_tokens, tokens, grad_norm, lr, expert_load, applied })
+    Ok((grad_norm, lr, applied))
+}
+
+/// The activation layers a micro-batch of `tokens` tokens may keep under `settings`' budget.
+pub fn kept_layers(model: &Model, tokens: usize, settings: &StepSettings) -> usize {
+    settings.activation_budget.map_or(0, |b| StepShape::for_model(model, tokens, 0, true).layers_within(b))
+}
+
+/// Adds one micro-batch's per-layer expert load into the step's mean over `of` micro-batches.
+pub fn add_expert_load(acc: &mut Vec<Vec<f32>>, load: &[Vec<f32>], of: usize) {
+    if acc.is_empty() {
+        *acc = load.iter().map(|l| vec![0.0; l.len()]).collect();
+    }
+    for (a, layer) in acc.iter_mut().zip(load) {
+        for (x, y) in a.iter_mut().zip(layer) {
+            *x += y / of as f32;
+        }
+    }
 }
