@@ -418,6 +418,16 @@ pub struct PairBatch {
 }
 
 impl PairBatch {
+    /// Rows (twice the pairs).
+    pub fn rows(&self) -> usize {
+        2 * self.pairs
+    }
+
+    /// Non-padding tokens.
+    pub fn tokens(&self) -> usize {
+        self.valid.iter().filter(|v| **v).count()
+    }
+
     /// Lays out `pairs`, padding every row with `pad_id` to the longest rounded up to `multiple`.
     pub fn new(pairs: &[&EncodedPair], pad_id: u32, multiple: usize) -> PairBatch {
         let longest = pairs.iter().map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len())).max().unwrap_or(0);

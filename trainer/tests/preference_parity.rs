@@ -194,7 +194,7 @@ fn check_trajectory(case_name: &str, kind: &str) {
             .map(|m| {
                 let first = per * (s * accum + m);
                 let refs: Vec<&datasets::EncodedPair> = pairs[first..first + per].iter().collect();
-                PairBatch::from_data(&datasets::PairBatch::new(&refs, pad, 1))
+                PairBatch::new(&refs, pad, 1)
             })
             .collect();
         let report = preference_step(

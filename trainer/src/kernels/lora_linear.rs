@@ -13,8 +13,7 @@
 use super::dropout::DropoutMask;
 use super::sgemm::{sgemm, MatRef};
 use super::storage::{
-    contiguous_values, is_cpu_activation, matrix_f32, output_f32, storage_in, tensor_in, with_contiguous_f32,
-    with_contiguous_values,
+    contiguous_values, is_cpu_activation, matrix_f32, output_f32, storage_in, tensor_in, with_contiguous_values,
 };
 use crate::quant::FrozenWeight;
 use candle_core::backend::BackendStorage;
@@ -153,8 +152,8 @@ impl CustomOp3 for LoraLinear {
         let want_dx = x.track_op() || x.is_variable();
         with_contiguous_values(&grad, self.name(), |dy| {
             with_contiguous_values(&x, self.name(), |xv| {
-                with_contiguous_f32(&a, self.name(), |av| {
-                    with_contiguous_f32(&b, self.name(), |bv| {
+                with_contiguous_values(&a, self.name(), |av| {
+                    with_contiguous_values(&b, self.name(), |bv| {
                         let dy_m = MatRef::row_major(dy, m, out);
                         let (a_m, b_m) = (MatRef::row_major(av, r, inp), MatRef::row_major(bv, out, r));
                         // s dy B [m, r]

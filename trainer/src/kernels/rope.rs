@@ -4,7 +4,7 @@
 //! runs a transpose copy, two narrows, a negation, a concatenation, two products and a sum).
 
 use super::parallel::for_rows_mut;
-use super::storage::{contiguous_values, output_f32, storage_in, with_contiguous_f32};
+use super::storage::{contiguous_values, output_f32, storage_in, with_contiguous_values};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
@@ -39,8 +39,8 @@ impl CustomOp1 for RopeTranspose {
         let (cos, sin) = (self.cos.contiguous()?, self.sin.contiguous()?);
         // Each row's two halves are written whole when the head dimension is even (as RoPE needs).
         let mut out = if d % 2 == 0 { output_f32(x.len()) } else { vec![0f32; x.len()] };
-        with_contiguous_f32(&cos, "rope", |cos| {
-            with_contiguous_f32(&sin, "rope", |sin| {
+        with_contiguous_values(&cos, "rope", |cos| {
+            with_contiguous_values(&sin, "rope", |sin| {
                 if cos.len() != b * t * d || sin.len() != b * t * d {
                     bail!("rope: tables hold {} values, {b}x{t}x{d} needed", cos.len())
                 }

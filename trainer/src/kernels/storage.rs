@@ -80,17 +80,6 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &
     Ok(&data[start..end])
 }
 
-/// Calls `f` with the values of a contiguous f32 tensor on the CPU.
-pub(crate) fn with_contiguous_f32<R>(
-    t: &Tensor,
-    op: &str,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else { bail!("{op}: CPU tensors expected") };
-    f(contiguous_f32(storage, layout, op)?)
-}
-
 /// The strided 2-D view of an f32 layout (any strides); errors unless it is 2-D.
 pub(crate) fn matrix_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<MatRef<'a>> {
     let CpuStorage::F32(data) = storage else { bail!("{op}: f32 operands expected, found {:?}", storage.dtype()) };

@@ -63,46 +63,18 @@ pub struct PreferenceSettings {
     pub beta: f64,
 }
 
-/// A micro-batch of pairs: rows `0..pairs` are prompt + chosen, rows `pairs..2 pairs` prompt + rejected,
-/// each `seq_len` tokens, right-padded, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PairBatch {
-    /// Pairs (the batch has twice as many rows).
-    pub pairs: usize,
-    /// Tokens per row.
-    pub seq_len: usize,
-    /// Token ids `[2 pairs * seq_len]`.
-    pub input_ids: Vec<u32>,
-    /// `true` on completion tokens (TRL's `completion_mask`).
-    pub completion: Vec<bool>,
-    /// `false` on padding (TRL's `attention_mask`).
-    pub valid: Vec<bool>,
-}
+/// A micro-batch of pairs (the data pipeline's layout: rows `0..pairs` prompt + chosen, rows `pairs..2 pairs`
+/// prompt + rejected, right-padded).
+pub use datasets::PairBatch;
 
-impl PairBatch {
-    /// From the data pipeline's pair batch.
-    pub fn from_data(b: &datasets::PairBatch) -> PairBatch {
-        PairBatch {
-            pairs: b.pairs,
-            seq_len: b.seq_len,
-            input_ids: b.input_ids.clone(),
-            completion: b.completion.clone(),
-            valid: b.valid.clone(),
-        }
-    }
-
-    /// Rows.
-    pub fn rows(&self) -> usize {
-        2 * self.pairs
-    }
-
-    /// Non-padding tokens.
-    pub fn tokens(&self) -> usize {
-        self.valid.iter().filter(|v| **v).count()
-    }
-
+/// The micro-batch a [`PairBatch`]'s rows make for the shared forward/backward.
+trait PairRows {
     /// The rows as a micro-batch whose labels are the completion tokens, and for ORPO (`chosen_nll`) also
     /// every other token of the chosen rows.
+    fn micro_batch(&self, chosen_nll: bool) -> MicroBatch;
+}
+
+impl PairRows for PairBatch {
     fn micro_batch(&self, chosen_nll: bool) -> MicroBatch {
         let t = self.seq_len;
         let labels = (0..self.rows() * t)

@@ -300,7 +300,7 @@ fn open_pairs(recipe: &Recipe, encoder: &datasets::Encoder) -> Result<RunData> {
     if let Some(eval) = data.eval.as_ref().filter(|e| !e.is_empty()) {
         let mut b = datasets::PairBatches::new(eval.clone(), mbs, false, 0, pad, multiple)
             .map_err(|e| Error::Invalid(e.to_string()))?;
-        eval_pairs = b.rest_of_epoch().iter().map(PairBatch::from_data).collect();
+        eval_pairs = b.rest_of_epoch();
         if let Some(max) = recipe.eval.max_batches {
             eval_pairs.truncate(max);
         }
@@ -526,8 +526,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
         let mut progress = |p: super::update::StepProgress| reporter.micro_batch(step_number, p.done, p.of, p.tokens);
         let report = match (&mut s.stream, &preference) {
             (Stream::Pairs(pairs), Some(pref)) => {
-                let mbs: Vec<PairBatch> =
-                    (0..t.grad_accum_steps).map(|_| PairBatch::from_data(&pairs.next_batch())).collect();
+                let mbs: Vec<PairBatch> = (0..t.grad_accum_steps).map(|_| pairs.next_batch()).collect();
                 preference_step(
                     state.step,
                     &s.model,
