@@ -75,6 +75,8 @@ fn check_against_references(kind: &str) {
     // Logits of the row.
     let ids = Tensor::from_vec(mb.input_ids.clone(), (1, mb.seq_len), &Device::Cpu).unwrap();
     let hidden = model.forward(&ids, Default::default(), None).unwrap().hidden;
+    // Activations stay bf16 through every layer and the final norm (what halves a kept layer's bytes).
+    assert_eq!(hidden.dtype(), DType::BF16, "{kind}: activations are not kept in bf16");
     let logits = model.logits(&hidden).unwrap().squeeze(0).unwrap().to_dtype(DType::F32).unwrap();
     let (want_bf16, want_f32) = (f.tensor("bf16.logits"), f.tensor("f32w.logits"));
     let spread = max_abs_diff(want_bf16, want_f32);
