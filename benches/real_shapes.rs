@@ -1,5 +1,5 @@
 //! QLoRA training at real model sizes: `cargo bench --bench real_shapes [-- SHAPE...] [--tokens=512,2048]
-//! [--dtypes=f32,bf16] [--configs=DTYPE:TOKENS[:VARIANT],...] [--layers=N] [--dir=PATH]`.
+//! [--dtypes=f32,bf16] [--configs=DTYPE:TOKENS[:VARIANT],...] [--layers=N] [--precision=P] [--dir=PATH]`.
 //!
 //! Shapes: `mistral-7b` (Mistral-7B-v0.3: vocab 32768, hidden 4096, 32 layers, 32/8 heads, intermediate
 //! 14336; full depth), `mixtral-8x7b-cut` (Mixtral-8x7B with 2 of its 32 layers, 8 experts top-2), `nemo-cut`
@@ -12,7 +12,10 @@
 //! does), after an uncounted warm-up step on 128 tokens. Each prints load seconds, seconds per step, tokens/s, GFLOP/s (benches/common/flops.rs, as the speed bench) and
 //! the peak RSS measured against the `memory` header's prediction for that step ([`StepShape::memory`]).
 //! `--configs` lists the configurations instead (e.g. `f32:512,bf16:512,bf16:2048:recompute-all`; a variant
-//! runs only that step). The CPU's own GEMM peaks (f32 and bf16 operands, this process, 2048 x 4096 x 4096) are measured first.
+//! runs only that step). The frozen products run at the shipped recipes' `matmul_precision`: "highest" (f32)
+//! for f32 models, "medium" (bf16 operands, f32 accumulation) for bf16 models; `--precision=highest|medium`
+//! sets one for every row. The CPU's own GEMM peaks (f32, and bf16 operands on each path it runs: AMX
+//! tiles, AVX-512 BF16; this process, 2048 x 4096 x 4096) are measured first.
 //! The checkpoint is deleted at the end.
 
 use std::path::{Path, PathBuf};
@@ -20,7 +23,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::DType;
-use trainer::kernels::{bf16_gemm, sgemm, MatRef};
+use trainer::kernels::{bf16_gemm_on, set_matmul_precision, sgemm, Bf16Path, MatRef, MatmulPrecision};
 use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
 use trainer::model::synthetic::{write_random_checkpoint, StoredDtype};
 use trainer::model::{load_model, LoadOptions, ModelConfig, Nf4Options};
@@ -70,27 +73,48 @@ fn arg(name: &str) -> Option<String> {
     std::env::args().find_map(|a| a.strip_prefix(&format!("--{name}=")).map(String::from))
 }
 
-/// GFLOP/s of one `[m, k] x [k, n]` product with f32 and with bf16 operands (best of 3).
-fn gemm_peaks() -> (f64, f64) {
+/// GFLOP/s of one `[m, k] x [k, n]` product (best of 3): f32, then bf16 operands on every path this CPU
+/// runs (AMX tiles, AVX-512 BF16), as `(name, GFLOP/s)`.
+fn gemm_peaks() -> Vec<(String, f64)> {
     let (m, k, n) = (2048usize, 4096usize, 4096usize);
     let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut c = vec![0f32; m * n];
-    let mut best = |bf16: bool| {
+    let mut best = |path: Option<Bf16Path>| {
         let mut secs = f64::MAX;
         for _ in 0..3 {
             let t = Instant::now();
             let (ar, br) = (MatRef::row_major(&a, m, k), MatRef::row_major(&b, k, n));
-            if bf16 { bf16_gemm(ar, br, &mut c, n, false) } else { sgemm(ar, br, &mut c, n, false) }.expect("gemm");
+            match path {
+                Some(path) => bf16_gemm_on(path, ar, br, &mut c, n, false),
+                None => sgemm(ar, br, &mut c, n, false),
+            }
+            .expect("gemm");
             secs = secs.min(t.elapsed().as_secs_f64());
         }
         2.0 * (m * k * n) as f64 / secs / 1e9
     };
-    (best(false), best(true))
+    let mut peaks = vec![("f32".to_string(), best(None))];
+    for path in Bf16Path::supported().into_iter().filter(|&p| p != Bf16Path::F32) {
+        let name = match path {
+            Bf16Path::Amx => "bf16 AMX",
+            _ => "bf16 AVX-512",
+        };
+        peaks.push((name.to_string(), best(Some(path))));
+    }
+    peaks
 }
 
 /// One configuration, in this process: load, attach, two steps; prints one line per step.
 fn measure(dir: &Path, shape: &str, c: &ModelConfig, dtype: DType, tokens: usize, only: Option<&str>) {
+    let precision = match arg("precision").as_deref() {
+        Some("highest") => MatmulPrecision::Highest,
+        Some("medium") => MatmulPrecision::Medium,
+        // As the shipped recipes run: f32 models multiply in f32, bf16 models with bf16 operands.
+        _ if dtype == DType::BF16 => MatmulPrecision::Medium,
+        _ => MatmulPrecision::Highest,
+    };
+    set_matmul_precision(precision);
     let t = Instant::now();
     let opts = LoadOptions { dtype, nf4: Some(Nf4Options::qlora()), ..LoadOptions::default() };
     let mut model = load_model(dir, &opts).expect("load").model;
@@ -124,11 +148,12 @@ fn measure(dir: &Path, shape: &str, c: &ModelConfig, dtype: DType, tokens: usize
     let default_kept = step_shape.layers_within(step_shape.default_budget(available));
     println!(
         "{shape} {} {tokens} tokens: loaded NF4 in {load_secs:.1}s, RSS {:.2} GiB; {} LoRA parameters; {:.2} GiB \
-         available after loading",
+         available after loading; frozen products at matmul_precision {}",
         dtype.as_str(),
         gib(loaded),
         params.count(),
-        gib(available)
+        gib(available),
+        precision.name()
     );
     // Warm-up on a short sequence (thread buffers, first use of every code path), not counted.
     let warm = MicroBatch {
@@ -196,11 +221,11 @@ fn main() {
         Some(list) => list.split(',').map(|c| c.replace(':', ",")).collect(),
         None => dtypes.split(',').flat_map(|d| tokens.split(',').map(move |t| format!("{d},{t}"))).collect(),
     };
-    let (f32_peak, bf16_peak) = gemm_peaks();
+    let peaks: Vec<String> = gemm_peaks().iter().map(|(name, g)| format!("{name} {g:.0}")).collect();
     println!(
-        "tramontane real-shape bench ({} threads); this CPU's GEMM (2048x4096x4096): f32 {f32_peak:.0} GFLOP/s, \
-         bf16 operands {bf16_peak:.0} GFLOP/s",
-        candle_core::utils::get_num_threads()
+        "tramontane real-shape bench ({} threads); this CPU's GEMM (2048x4096x4096) in GFLOP/s: {}",
+        candle_core::utils::get_num_threads(),
+        peaks.join(", ")
     );
     for shape in &shapes {
         let c = config(shape, layers);
@@ -219,6 +244,9 @@ fn main() {
             cmd.arg(format!("--dir={}", dir.display())).arg(format!("--measure={shape},{config}"));
             if let Some(l) = layers {
                 cmd.arg(format!("--layers={l}"));
+            }
+            if let Some(p) = arg("precision") {
+                cmd.arg(format!("--precision={p}"));
             }
             match cmd.status() {
                 Ok(s) if s.success() => {}

@@ -17,7 +17,8 @@ use trainer::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
     /// Dtype of the weights: f32, bf16 or f16 [default: the checkpoint's own: config.json's torch_dtype, else its
-    /// tensors' dtype; f32 for a quantized GGUF file].
+    /// tensors' dtype; f32 for a quantized GGUF file]. bf16 and f16 models multiply their frozen weights with
+    /// bf16 operands and f32 accumulation, as training does for them.
     #[arg(long, value_name = "DTYPE")]
     pub dtype: Option<String>,
     /// Quantize the base's decoder linears (attention, MLP, experts; all of them but --keep-unquantized) while
@@ -252,6 +253,9 @@ impl ModelArgs {
         let dir = &self.model;
         let facts = Facts::read(dir)?;
         let dtype = self.load.dtype(facts.native)?;
+        // The frozen products at the precision training used for this dtype (bf16 operands for 16-bit
+        // models), so that answers match the run's sample generations.
+        trainer::kernels::set_matmul_precision(trainer::kernels::MatmulPrecision::for_model_dtype(dtype));
         let nf4 = self.load.nf4()?;
         if facts.gguf && nf4.is_some() {
             bail!(

@@ -95,6 +95,17 @@ pub enum Dtype {
     F16,
 }
 
+impl Dtype {
+    /// The dtype a model is loaded in on this (CPU) build: `auto` is f32.
+    pub fn on_cpu(self) -> candle_core::DType {
+        match self {
+            Dtype::Auto | Dtype::F32 => candle_core::DType::F32,
+            Dtype::Bf16 => candle_core::DType::BF16,
+            Dtype::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
 /// `[quantization]`: storage of the frozen base weights.
 ///
 /// With `nf4`, the decoder's linear layers (attention, MLP, experts) are quantized as they load. The embeddings,
@@ -384,9 +395,11 @@ pub struct TrainSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub activation_memory_gib: Option<f64>,
     /// Precision of the frozen base's matrix products: `highest` (f32) or `medium` (bf16 operands,
-    /// f32 accumulation: the products up to ~1.7x, whole steps 1.45-1.85x faster on CPUs with AVX-512
-    /// BF16). Default `highest`.
-    pub matmul_precision: MatmulPrecision,
+    /// f32 accumulation: several times faster on CPUs with AMX, up to ~1.7x with AVX-512 BF16 on AMD).
+    /// Unset (the default): the model dtype's ([`MatmulPrecision::for_model_dtype`]): `medium` for bf16
+    /// and f16 models, `highest` for f32 ones. See [`Recipe::matmul_precision`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matmul_precision: Option<MatmulPrecision>,
     /// Weight of the MoE load-balancing loss, added whenever the model has experts; default: the model
     /// config's `router_aux_loss_coef` (0.001 for Mixtral). 0 turns it off.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -436,7 +449,7 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             gradient_checkpointing: true,
             activation_memory_gib: None,
-            matmul_precision: MatmulPrecision::Highest,
+            matmul_precision: None,
             router_aux_coef: None,
             objective: Objective::Sft,
             beta: 0.1,
@@ -613,6 +626,11 @@ const PATH_KEYS: [&str; 7] =
     ["model.path", "model.tokenizer", "lora.init_from", "data.files", "data.dir", "data.eval_files", "output.dir"];
 
 impl Recipe {
+    /// The precision of the frozen base's products: `train.matmul_precision`, else the model dtype's.
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        self.train.matmul_precision.unwrap_or_else(|| MatmulPrecision::for_model_dtype(self.model.dtype.on_cpu()))
+    }
+
     /// Reads, overrides, resolves and validates a recipe file. `overrides` are `section.key=value` strings.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe, RecipeError> {
         let text = std::fs::read_to_string(path)
@@ -1265,7 +1283,8 @@ max_steps = 100
             "recipe.toml:16: `train.matmul_precision`: unknown value `low`; expected one of highest, medium"
         );
         let r = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nmatmul_precision = \"medium\""), &[]).unwrap();
-        assert_eq!(r.train.matmul_precision, MatmulPrecision::Medium);
+        assert_eq!(r.train.matmul_precision, Some(MatmulPrecision::Medium));
+        assert_eq!(r.matmul_precision(), MatmulPrecision::Medium);
         let r = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nactivation_memory_gib = 1.5"), &[]).unwrap();
         assert_eq!(r.train.activation_memory_gib, Some(1.5));
         assert_eq!(r.train.activation_memory_bytes(), Some(3 << 29));

@@ -1,6 +1,7 @@
 //! Hand-written CPU kernels for the work that dominates training and inference: the matrix product,
 //! the frozen linear layer's products, vectorized exponentials, and the fused losses built on them.
 
+pub(crate) mod amx;
 pub mod attention;
 pub mod convert;
 pub mod cross_entropy;
@@ -28,6 +29,6 @@ pub use matmul::matmul;
 pub use precision::{frozen_gemm, matmul_precision, set_matmul_precision, MatmulPrecision};
 pub use rms_norm::rms_norm;
 pub use rope::RopeTranspose;
-pub use sgemm::{bf16_gemm, sgemm, sgemm_serial, MatRef};
+pub use sgemm::{bf16_gemm, bf16_gemm_on, sgemm, sgemm_serial, Bf16Path, MatRef};
 pub use storage::{is_activation_dtype, is_cpu_activation};
 pub use swiglu::swiglu;

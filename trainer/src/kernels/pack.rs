@@ -105,6 +105,45 @@ pub(crate) fn pack_bf16(src: Lines<'_>, rows: usize, width: usize, kc: usize, ou
     scalar_bf16(src.starting_at_depth(done), rows, width, kc - done, &mut out[done / 2 * width..]);
 }
 
+/// Packs `rows` lines of depth `kc` line-major as bf16 pairs, `stride` words per line:
+/// `out[i * stride + q] = bf16(src(i, 2q)) | bf16(src(i, 2q + 1)) << 16` for `q < kc.div_ceil(2)`, zero
+/// past the depth up to `stride` (the layout of an AMX A tile). Only called where [`bf16_available`] holds.
+pub(crate) fn pack_bf16_lines(src: Lines<'_>, rows: usize, kc: usize, stride: usize, out: &mut [u32]) {
+    let words = kc.div_ceil(2);
+    assert!(words <= stride && out.len() >= rows * stride, "pack_bf16_lines: {rows} lines of {words} words");
+    for (i, line) in out[..rows * stride].chunks_exact_mut(stride).enumerate() {
+        let src = Lines { base: src.base + i * src.index_stride, ..src };
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if src.depth_stride == 1 && bf16_available() {
+            done = kc - kc % 32;
+            assert!(src.base + kc <= src.data.len());
+            // SAFETY: AVX-512F/BF16 are present; the line holds `kc` contiguous values, `line` `words` words.
+            unsafe { convert_line(src.data.as_ptr().add(src.base), done / 32, line.as_mut_ptr()) };
+        }
+        for (q, word) in line[..words].iter_mut().enumerate().skip(done / 2) {
+            let lo = bf16_bits(src.at(0, 2 * q));
+            let hi = if 2 * q + 1 < kc { bf16_bits(src.at(0, 2 * q + 1)) } else { 0 };
+            *word = lo | hi << 16;
+        }
+        line[words..].fill(0);
+    }
+}
+
+/// Converts `chunks` blocks of 32 contiguous f32 values to bf16, in order (16 words per block).
+///
+/// # Safety
+/// AVX-512F and BF16 are present; `src` holds `32 * chunks` values and `dst` `16 * chunks` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn convert_line(src: *const f32, chunks: usize, dst: *mut u32) {
+    for c in 0..chunks {
+        let (lo, hi) = (_mm512_loadu_ps(src.add(32 * c)), _mm512_loadu_ps(src.add(32 * c + 16)));
+        let pairs = _mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_storeu_si512(dst.add(16 * c) as *mut _, std::mem::transmute::<__m512bh, __m512i>(pairs));
+    }
+}
+
 /// Whether the AVX-512 f32 packing runs on this CPU.
 fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]

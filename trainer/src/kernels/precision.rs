@@ -2,9 +2,9 @@
 //! `torch.set_float32_matmul_precision`).
 //!
 //! `Highest` multiplies in f32. `Medium` rounds both operands of the frozen base's products (the
-//! decoder linears and the lm_head, dense or NF4) to bf16 and accumulates in f32 with AVX-512 BF16
-//! dot products: up to ~1.7x the throughput on CPUs that have them (the tile itself ~300 against ~180
-//! GFLOP/s; elsewhere it stays f32). LoRA products, attention, norms and the loss always run in f32,
+//! decoder linears and the lm_head, dense or NF4) to bf16 and accumulates in f32, on AMX tiles where the
+//! CPU has them (~3-4x the f32 product on a Sapphire Rapids Xeon), else with AVX-512 BF16 dot products
+//! (up to ~1.7x on AMD Zen 4; about f32's speed on Intel), else in f32. LoRA products, attention, norms and the loss always run in f32,
 //! and so do all gradients of trainable weights. Real Mistral checkpoints are bf16 already, so rounding their weights loses nothing; the
 //! activations lose mantissa bits, as under GPU autocast.
 
@@ -28,6 +28,16 @@ impl MatmulPrecision {
             "highest" => Some(MatmulPrecision::Highest),
             "medium" => Some(MatmulPrecision::Medium),
             _ => None,
+        }
+    }
+
+    /// The precision a model of `dtype` multiplies at unless told otherwise: `Medium` for bf16 and f16
+    /// models (their weights and activations are 16-bit already, and PyTorch multiplies them with 16-bit
+    /// operands too), `Highest` for f32 models.
+    pub fn for_model_dtype(dtype: candle_core::DType) -> Self {
+        match dtype {
+            candle_core::DType::BF16 | candle_core::DType::F16 => MatmulPrecision::Medium,
+            _ => MatmulPrecision::Highest,
         }
     }
 

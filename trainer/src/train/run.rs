@@ -20,7 +20,7 @@ use super::step::MicroBatch;
 use super::update::{optimizer_step, StepReport, StepSettings};
 use crate::lora::{attach_lora, peft, LoraInit, LoraPlan, LoraSettings, TrainableParams};
 use crate::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer, Nf4Options, ParameterCounts};
-use crate::recipe::{AdapterLayout, Dtype, QuantMethod, Recipe};
+use crate::recipe::{AdapterLayout, QuantMethod, Recipe};
 use crate::{Error, Result};
 
 /// Consecutive non-finite steps after which training stops.
@@ -166,11 +166,7 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
         Some(_) => open_pairs(recipe, &encoder)?,
         None => open_sft(recipe, &encoder)?,
     };
-    let dtype = match recipe.model.dtype {
-        Dtype::Auto | Dtype::F32 => candle_core::DType::F32,
-        Dtype::Bf16 => candle_core::DType::BF16,
-        Dtype::F16 => candle_core::DType::F16,
-    };
+    let dtype = recipe.model.dtype.on_cpu();
     let nf4 = match recipe.quantization.method {
         QuantMethod::Nf4 => Some(nf4_options(recipe)?),
         QuantMethod::None => None,
@@ -430,7 +426,7 @@ struct LoopState {
 /// Runs (or resumes) the training a recipe describes.
 pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Reporter) -> Result<RunSummary> {
     recipe.validate().map_err(|(key, msg)| Error::Invalid(format!("recipe: `{key}`: {msg}")))?;
-    crate::kernels::set_matmul_precision(recipe.train.matmul_precision);
+    crate::kernels::set_matmul_precision(recipe.matmul_precision());
     let run_dir = RunDir { root: recipe.output.dir.clone() };
     let mut s = open_session(recipe, &run_dir)?;
     let preference = recipe.train.preference();
