@@ -261,3 +261,59 @@ fn stop_strings_cut_the_text_before_them() {
     assert_eq!(cut["text"].as_str().unwrap(), &text[..text.find(&stop).unwrap()]);
     assert!(cut["generated_ids"].as_array().unwrap().len() < full["generated_ids"].as_array().unwrap().len());
 }
+
+#[test]
+fn every_inference_command_takes_a_device() {
+    for command in ["generate", "eval", "chat", "serve", "merge"] {
+        let out = tramontane(&[command, "--help"]);
+        assert!(out.status.success(), "{command} --help: {}", stderr(&out));
+        // Words only: clap wraps the help to the terminal's width.
+        let help = stdout(&out).split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(help.contains("--device <DEVICE>"), "{command} --help:\n{help}");
+        assert!(help.contains("auto (") && help.contains("cpu, cuda or cuda:N"), "{command} --help:\n{help}");
+        assert!(help.contains("[default: auto]"), "{command} --help:\n{help}");
+    }
+}
+
+#[test]
+fn an_unknown_or_unsupported_device_is_refused_before_loading() {
+    // Not a device: clap refuses it with the accepted values.
+    let model = fixture("tiny-mixtral");
+    let out = tramontane(&["generate", "--model", model.to_str().unwrap(), "--prompt-ids", "1", "--device", "tpu"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "invalid value 'tpu' for '--device <DEVICE>': unknown device `tpu`: expected auto, cpu, cuda or cuda:N"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    // A CUDA device on this build: refused before the model is even looked at (the directory does not exist).
+    for (command, device) in [("generate", "cuda"), ("eval", "cuda:1")] {
+        let out = tramontane(&[command, "--model", "/nonexistent/model", "--prompt-ids", "1,2", "--device", device]);
+        assert_eq!(out.status.code(), Some(1), "{command}: {}", stderr(&out));
+        let expected = if device == "cuda" { "cuda:0" } else { device };
+        assert!(
+            stderr(&out)
+                .contains(&format!("--device {expected}: this build has no CUDA support: build with --features cuda")),
+            "{command}: {}",
+            stderr(&out)
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("merged");
+    let out = tramontane(&[
+        "merge",
+        "--model",
+        "/nonexistent/model",
+        "--adapter",
+        "/nonexistent/adapter",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--device cuda:0: this build has no CUDA support"), "{}", stderr(&out));
+    assert!(!out_dir.exists());
+}

@@ -53,6 +53,41 @@ fn data_and_train_refuse_an_unsupported_block_size_alike_before_loading() {
     assert!(!tmp.path().join("model").exists());
 }
 
+#[test]
+fn a_cuda_device_is_refused_by_data_and_train_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The quickstart recipe with `device = "cuda"` in its [model] section, written beside the original so its
+    // relative paths still resolve.
+    let text = std::fs::read_to_string(quickstart()).unwrap();
+    assert!(text.contains("dtype = \"f32\"\n"));
+    let recipe = tmp.path().join("cuda.toml");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/samples/pirate-chat.parquet");
+    std::fs::write(&recipe, text.replacen("dtype = \"f32\"\n", "dtype = \"f32\"\ndevice = \"cuda\"\n", 1)).unwrap();
+    let line = text.lines().position(|l| l == "dtype = \"f32\"").unwrap() + 2;
+    for command in ["data", "train"] {
+        let args: Vec<String> = vec![
+            command.into(),
+            recipe.display().to_string(),
+            "--set".into(),
+            format!("model.path={}", tmp.path().join("model").display()),
+            "--set".into(),
+            format!("data.files={}", data.display()),
+            "--set".into(),
+            format!("output.dir={}", tmp.path().join("run").display()),
+        ];
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "tramontane {command}: {err}");
+        assert!(
+            err.contains(&format!(
+                "cuda.toml:{line}: `model.device`: this build has no CUDA support: build with --features cuda"
+            )),
+            "tramontane {command}: {err}"
+        );
+    }
+    assert!(!tmp.path().join("model").exists(), "refused before the bundled model was generated");
+}
+
 fn sample_steps(run_dir: &Path) -> Vec<u64> {
     std::fs::read_to_string(run_dir.join("samples.jsonl"))
         .unwrap()

@@ -10,10 +10,12 @@ use crate::config::Patterns;
 use crate::naming::{BaseShape, Site, PEFT_PREFIX, TARGETABLE};
 use crate::{Error, Result};
 
-/// What happens to the Mixtral router.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What happens to the Mixtral router (`block_sparse_moe.gate`): the one type for it, the trainer's `RouterMode`
+/// and the recipe's `lora.router` (`frozen`, `lora` or `full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RouterTraining {
-    /// The router is not adapted.
+    /// The router is not adapted (kept frozen).
     #[default]
     Frozen,
     /// The router has a LoRA.
@@ -111,6 +113,11 @@ impl LoraModule {
     /// `scale * B A`, `[out, in]` f32.
     pub fn delta(&self) -> Result<Tensor> {
         Ok((self.b.matmul(&self.a)? * self.scale)?)
+    }
+
+    /// [`LoraModule::delta`] computed on `device`.
+    pub fn delta_on(&self, device: &Device) -> Result<Tensor> {
+        Ok((self.b.to_device(device)?.matmul(&self.a.to_device(device)?)? * self.scale)?)
     }
 }
 

@@ -27,6 +27,6 @@ pub mod write;
 pub use adapter::{Adapter, LoraModule, LoraSpec, RouterTraining};
 pub use config::PeftConfig;
 pub use error::{Error, Result};
-pub use naming::{BaseShape, ExpertProj, MlpProj, Proj, Site};
+pub use naming::{BaseShape, ExpertProj, MlpProj, Proj, Site, Target};
 pub use read::{read_adapter, AdapterFiles, FileLayout};
 pub use write::{peft_files, write_adapter, ExpertLayout};

@@ -68,6 +68,8 @@ pub struct MergeRequest {
     pub max_shard_bytes: usize,
     /// Also write a GGUF file of this type into `out`.
     pub gguf: Option<GgufType>,
+    /// Where the sums `W + w s B A` are computed (weights are read and written through host memory).
+    pub device: Device,
 }
 
 /// What a merge did.
@@ -257,18 +259,18 @@ pub fn merge(base: &dyn BaseWeights, req: &MergeRequest) -> Result<MergeReport> 
         if values.len() != count {
             return Err(Error::Base(format!("`{name}`: read {} values, expected {count}", values.len())));
         }
-        let mut w = Tensor::from_vec(values, shape.clone(), &Device::Cpu)?;
+        let mut w = Tensor::from_vec(values, shape.clone(), &req.device)?;
         if let Some(site) = site {
             let mut changed = false;
             for (a, weight) in &req.adapters {
                 if let Some(m) = a.modules.get(site) {
-                    w = (w + (m.delta()? * *weight)?)?;
+                    w = (w + (m.delta_on(&req.device)? * *weight)?)?;
                     changed = true;
                 }
                 if let Site::Router(l) = site {
                     if let Some(full) = a.router_weights.get(l) {
                         let base_w = w.clone();
-                        w = (&base_w + ((full - &base_w)? * *weight)?)?;
+                        w = (&base_w + ((full.to_device(&req.device)? - &base_w)? * *weight)?)?;
                         changed = true;
                     }
                 }

@@ -11,7 +11,9 @@ use trainer::model::memory::{estimate_merge, format_bytes, MergePlan};
 use trainer::model::{Checkpoint, ModelConfig};
 use trainer::quant::Nf4Weight;
 
-use super::model_args::{adapter_bytes, dtype_name, keep_dense_modules, parse_dtype, Quantize};
+use trainer::device::DeviceChoice;
+
+use super::model_args::{adapter_bytes, dtype_name, keep_dense_modules, parse_dtype, resolve_device, Quantize};
 
 const LONG_ABOUT: &str = "Merge one or more LoRA adapters into their base model and write a complete Hugging Face \
 model directory (sharded safetensors with an index, config.json, tokenizer files, generation_config.json) in the \
@@ -73,6 +75,11 @@ pub struct MergeArgs {
     /// Skip the memory check before merging.
     #[arg(long)]
     no_memory_check: bool,
+    /// Device the sums W + w s B A are computed on: auto (the best this build supports: the CPU on this build),
+    /// cpu, cuda or cuda:N (the N-th GPU; needs a build with --features cuda). Weights are read and written
+    /// through host memory either way.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: DeviceChoice,
     /// Also write `OUT/<name>-<type>.gguf`: f16, q8_0 or q4_k (rows not a multiple of 256 use q8_0).
     #[arg(long, value_name = "TYPE")]
     gguf: Option<String>,
@@ -107,6 +114,7 @@ fn parse_size(s: &str) -> Result<usize> {
 
 /// Runs `tramontane merge`.
 pub fn run(args: MergeArgs) -> Result<()> {
+    let device = resolve_device(args.device)?;
     if args.out.exists() {
         bail!("{}: the output directory already exists; choose a new path", args.out.display());
     }
@@ -151,6 +159,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
         dtype,
         max_shard_bytes,
         gguf,
+        device,
     };
     let report = match args.quantize {
         Some(Quantize::Nf4) => {
@@ -233,9 +242,8 @@ struct Nf4RoundTrip {
     expert_matrix: usize,
 }
 
-/// Module names of the decoder linears (what training quantizes).
-const DECODER_LINEARS: [&str; 10] =
-    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"];
+/// Module names of the decoder linears (what training quantizes): the modules LoRA can target.
+const DECODER_LINEARS: [&str; 10] = adapters::naming::TARGETABLE;
 
 /// Suffix of the fused expert tensor holding each expert's w1 then w3 rows (transformers 5).
 const FUSED_GATE_UP: &str = ".mlp.experts.gate_up_proj";

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
+use trainer::device::DeviceChoice;
 use trainer::model::memory::{
     estimate_inference, format_bytes, largest_fitting_context, WeightPlan, WeightSource, Workload,
 };
@@ -37,6 +38,10 @@ pub struct LoadArgs {
     /// the answers to match the run's.
     #[arg(long, value_name = "NAME,...", value_delimiter = ',', requires = "quantize")]
     pub keep_unquantized: Vec<String>,
+    /// Device to load the model onto and run it on: auto (the best this build supports: the CPU on this build),
+    /// cpu, cuda or cuda:N (the N-th GPU; needs a build with --features cuda).
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
     /// Skip the memory check before loading (the estimate of what the command needs against what this process
     /// can allocate). The estimate is an upper bound; without the check a model too large for the machine makes
     /// the command fail with an out-of-memory error while loading or running.
@@ -148,6 +153,12 @@ pub fn keep_dense_modules(names: &[String]) -> Result<Vec<String>> {
     Ok(targets.into_iter().map(|t| t.hf_name().to_string()).collect())
 }
 
+/// The device a command's `--device` names; fails, naming the flag, when this build does not support it (checked
+/// before anything is read).
+pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
+    choice.resolve().map_err(|e| anyhow::anyhow!("--device {choice}: {e}"))
+}
+
 /// The name `--dtype` takes for a dtype.
 pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
@@ -244,6 +255,11 @@ impl LoadArgs {
     fn dtype(&self, native: DType) -> Result<DType> {
         self.dtype.as_deref().map_or(Ok(native), parse_dtype)
     }
+
+    /// The device of `--device`; fails (naming the flag) when this build does not support it.
+    pub fn device(&self) -> Result<Device> {
+        resolve_device(self.device)
+    }
 }
 
 impl ModelArgs {
@@ -251,6 +267,7 @@ impl ModelArgs {
     /// tokenizer when `need_tokenizer` or when present) and applies `--adapter`.
     pub fn load(&self, need_tokenizer: bool, demand: &Demand) -> Result<Loaded> {
         let dir = &self.model;
+        let device = self.load.device()?;
         let facts = Facts::read(dir)?;
         let dtype = self.load.dtype(facts.native)?;
         // The frozen products at the precision training used for this dtype (bf16 operands for 16-bit
@@ -267,7 +284,7 @@ impl ModelArgs {
         adapters.extend(demand.extra_adapters.iter().cloned());
         let context = self.check_memory(&facts, dtype, nf4.clone(), &demand.context, adapter_bytes(&adapters))?;
         if facts.gguf {
-            let g = trainer::model::gguf::load_gguf(dir, dtype, &candle_core::Device::Cpu)?;
+            let g = trainer::model::gguf::load_gguf(dir, dtype, &device)?;
             if need_tokenizer && g.tokenizer.is_none() {
                 bail!("{}: the GGUF file has no tokenizer.huggingface.json; pass token ids instead", dir.display());
             }
@@ -281,7 +298,7 @@ impl ModelArgs {
         } else {
             None
         };
-        let opts = LoadOptions { dtype, nf4, ..LoadOptions::default() };
+        let opts = LoadOptions { dtype, device, nf4, ..LoadOptions::default() };
         let mut loaded = load_model(dir, &opts)?;
         self.apply_adapters(&mut loaded.model)?;
         Ok(Loaded { model: loaded.model, tokenizer, context })
@@ -472,6 +489,7 @@ mod tests {
             quantize: None,
             double_quant: true,
             keep_unquantized: vec!["q".into()],
+            device: DeviceChoice::Auto,
             no_memory_check: false,
         };
         assert!(load.nf4().is_err());

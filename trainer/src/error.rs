@@ -47,6 +47,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The device asked for is unknown or not supported by this build.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
 }
 
 /// Result alias for the engine.

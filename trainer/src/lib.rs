@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod device;
 pub mod error;
 pub mod infer;
 pub mod kernels;

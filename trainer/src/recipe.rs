@@ -26,10 +26,12 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
 pub use datasets::DataConfig;
+
+use crate::device::DeviceChoice;
+use crate::lora::{LoraSettings, RouterMode};
 
 /// A complete training recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,9 +42,9 @@ pub struct Recipe {
     /// How the frozen base weights are stored.
     #[serde(default)]
     pub quantization: QuantizationSection,
-    /// The LoRA adapter.
-    #[serde(default)]
-    pub lora: LoraSection,
+    /// The LoRA adapter: the engine's own settings type, [`LoraSettings::recipe_defaults`] for what is left out.
+    #[serde(default = "LoraSettings::recipe_defaults")]
+    pub lora: LoraSettings,
     /// The data (see [`datasets::DataConfig`]).
     #[serde(default)]
     pub data: DataConfig,
@@ -78,6 +80,11 @@ pub struct ModelSection {
     /// Compute dtype of activations and of unquantized weights. Default `auto` (bf16 on a GPU, f32 on CPU).
     #[serde(default)]
     pub dtype: Dtype,
+    /// Where the model is loaded and trained: `auto` (the best device this build supports: the CPU on this
+    /// build), `cpu`, `cuda` or `cuda:N` (the N-th GPU; needs a build with `--features cuda`, refused here
+    /// before anything is loaded). Default `auto`.
+    #[serde(default)]
+    pub device: DeviceChoice,
 }
 
 /// A floating-point dtype choice.
@@ -96,9 +103,10 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    /// The dtype a model is loaded in on this (CPU) build: `auto` is f32.
-    pub fn on_cpu(self) -> candle_core::DType {
+    /// The dtype a model is loaded in on `device`: `auto` is bf16 on a GPU, f32 on the CPU.
+    pub fn resolve(self, device: &candle_core::Device) -> candle_core::DType {
         match self {
+            Dtype::Auto if device.is_cuda() => candle_core::DType::BF16,
             Dtype::Auto | Dtype::F32 => candle_core::DType::F32,
             Dtype::Bf16 => candle_core::DType::BF16,
             Dtype::F16 => candle_core::DType::F16,
@@ -167,190 +175,24 @@ pub enum QuantMethod {
     None,
 }
 
-/// A linear layer kind that LoRA can target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// Attention query projection (`q_proj`).
-    Q,
-    /// Attention key projection (`k_proj`).
-    K,
-    /// Attention value projection (`v_proj`).
-    V,
-    /// Attention output projection (`o_proj`).
-    O,
-    /// Dense MLP gate projection (`gate_proj`).
-    Gate,
-    /// Dense MLP up projection (`up_proj`).
-    Up,
-    /// Dense MLP down projection (`down_proj`).
-    Down,
-    /// Expert gate projection (Mixtral `w1`).
-    W1,
-    /// Expert down projection (Mixtral `w2`).
-    W2,
-    /// Expert up projection (Mixtral `w3`).
-    W3,
-}
-
-impl Target {
-    /// Every target, in canonical order.
-    pub const ALL: [Target; 10] = [
-        Target::Q,
-        Target::K,
-        Target::V,
-        Target::O,
-        Target::Gate,
-        Target::Up,
-        Target::Down,
-        Target::W1,
-        Target::W2,
-        Target::W3,
-    ];
-
-    /// The recipe name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Target::Q => "q",
-            Target::K => "k",
-            Target::V => "v",
-            Target::O => "o",
-            Target::Gate => "gate",
-            Target::Up => "up",
-            Target::Down => "down",
-            Target::W1 => "w1",
-            Target::W2 => "w2",
-            Target::W3 => "w3",
-        }
-    }
-
-    /// The Hugging Face module name (`q_proj`, ..., `down_proj`, `w1`, `w2`, `w3`).
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            Target::Q => "q_proj",
-            Target::K => "k_proj",
-            Target::V => "v_proj",
-            Target::O => "o_proj",
-            Target::Gate => "gate_proj",
-            Target::Up => "up_proj",
-            Target::Down => "down_proj",
-            Target::W1 => "w1",
-            Target::W2 => "w2",
-            Target::W3 => "w3",
-        }
-    }
-
-    /// Parses a target name or group: `q k v o gate up down w1 w2 w3`, the Hugging Face names (`q_proj`, ...),
-    /// `attention` (q k v o), `mlp` (gate up down), `experts` (w1 w2 w3), `all` (all of them; the engine uses
-    /// those the model has).
-    pub fn parse_group(name: &str) -> Option<Vec<Target>> {
-        use Target::*;
-        Some(match name {
-            "q" | "q_proj" => vec![Q],
-            "k" | "k_proj" => vec![K],
-            "v" | "v_proj" => vec![V],
-            "o" | "o_proj" => vec![O],
-            "gate" | "gate_proj" => vec![Gate],
-            "up" | "up_proj" => vec![Up],
-            "down" | "down_proj" => vec![Down],
-            "w1" => vec![W1],
-            "w2" => vec![W2],
-            "w3" => vec![W3],
-            "attention" => vec![Q, K, V, O],
-            "mlp" => vec![Gate, Up, Down],
-            "experts" => vec![W1, W2, W3],
-            "all" => Target::ALL.to_vec(),
-            _ => return None,
-        })
-    }
-
-    const NAMES: [&'static str; 21] = [
-        "q",
-        "k",
-        "v",
-        "o",
-        "gate",
-        "up",
-        "down",
-        "w1",
-        "w2",
-        "w3",
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "attention",
-        "mlp",
-        "experts",
-        "all",
-    ];
-}
-
-/// What happens to the MoE router (`block_sparse_moe.gate`): the engine's own type.
-pub use crate::lora::RouterMode;
-
-/// `[lora]`: the adapter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LoraSection {
-    /// Rank. Default 16.
-    pub r: usize,
-    /// Scale numerator: the update is `alpha / r * B A x` (or `alpha / sqrt(r)` with rsLoRA). Default 32.
-    pub alpha: f64,
-    /// Dropout on the LoRA input during training. Default 0.05.
-    pub dropout: f64,
-    /// rsLoRA scaling `alpha / sqrt(r)`. Default false.
-    pub use_rslora: bool,
-    /// Layers to adapt: see [`Target::parse_group`]. Default `["q", "k", "v", "o"]`.
-    pub targets: Vec<String>,
-    /// Per-module rank overrides, PEFT semantics (regex or name suffix -> rank): matched against the module's
-    /// full name (`model.layers.0.self_attn.q_proj`) in the order written, the first matching key wins.
-    pub rank_pattern: IndexMap<String, usize>,
-    /// Per-module alpha overrides, PEFT semantics (regex or name suffix -> alpha), in order: the first matching
-    /// key wins.
-    pub alpha_pattern: IndexMap<String, f64>,
-    /// Only these decoder layers (0-based); empty = all.
-    pub layers_to_transform: Vec<usize>,
-    /// MoE router: `frozen`, `lora` or `full`. Default `frozen`.
-    pub router: RouterMode,
-    /// Start from an existing adapter directory (PEFT layout) instead of the standard init.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub init_from: Option<PathBuf>,
-}
-
-impl Default for LoraSection {
-    fn default() -> Self {
-        LoraSection {
-            r: 16,
-            alpha: 32.0,
-            dropout: 0.05,
-            use_rslora: false,
-            targets: vec!["q".into(), "k".into(), "v".into(), "o".into()],
-            rank_pattern: IndexMap::new(),
-            alpha_pattern: IndexMap::new(),
-            layers_to_transform: Vec::new(),
-            router: RouterMode::Frozen,
-            init_from: None,
-        }
-    }
-}
-
-impl LoraSection {
-    /// The targets with groups and Hugging Face names expanded, deduplicated, in canonical order.
-    pub fn target_set(&self) -> Vec<Target> {
-        let mut v: Vec<Target> = self.targets.iter().filter_map(|t| Target::parse_group(t)).flatten().collect();
-        v.sort();
-        v.dedup();
-        v
-    }
-}
+/// A linear layer kind that LoRA can target (the one list of target names, in `adapters::naming`).
+pub use adapters::naming::Target;
 
 /// Learning-rate schedule after warmup (`constant`, `linear`, `cosine`): the engine's own type.
 pub use crate::kernels::MatmulPrecision;
-pub use crate::train::ScheduleKind as Schedule;
+
+/// The shape of the learning-rate schedule after warmup (`train.schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Constant after warmup.
+    Constant,
+    /// Linear decay to `min_lr_ratio` at the last step.
+    Linear,
+    /// Half-cosine decay to `min_lr_ratio` at the last step (the default).
+    #[default]
+    Cosine,
+}
 
 /// `[train]`: the optimization.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -405,7 +247,7 @@ pub struct TrainSection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub router_aux_coef: Option<f64>,
     /// What is optimized: `sft` (token cross-entropy, the default), `dpo` or `orpo` (preference tuning on
-    /// `data.format = "preference"` pairs; see [`crate::train::preference`]).
+    /// `data.format = "preference"` pairs; the engine's `train::preference`).
     pub objective: Objective,
     /// DPO's temperature / ORPO's lambda. Default 0.1 (TRL's).
     pub beta: f64,
@@ -429,7 +271,18 @@ pub enum Objective {
     Orpo,
 }
 
-pub use crate::train::DpoLossType;
+/// DPO's loss on `delta = (chosen - ref_chosen) - (rejected - ref_rejected)` log-ratios (TRL's names):
+/// `train.loss_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLossType {
+    /// The DPO paper's: `-log sigmoid(beta * delta)`.
+    Sigmoid,
+    /// IPO: `(delta_avg - 1 / (2 beta))^2`, each log-ratio divided by its completion's length first (TRL's form).
+    Ipo,
+    /// Robust DPO: `label_smoothing` is the probability that a preference label is flipped.
+    Robust,
+}
 
 impl Default for TrainSection {
     fn default() -> Self {
@@ -470,20 +323,9 @@ pub enum Duration {
 
 impl TrainSection {
     /// `activation_memory_gib` in bytes, when the recipe sets it (otherwise the run computes the budget
-    /// once the model is loaded: [`crate::train::StepShape::default_budget`]).
+    /// once the model is loaded: the engine's `train::StepShape::default_budget`).
     pub fn activation_memory_bytes(&self) -> Option<u64> {
         self.activation_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64)
-    }
-
-    /// The preference objective (`None` for `sft`).
-    pub fn preference(&self) -> Option<crate::train::PreferenceSettings> {
-        use crate::train::PreferenceObjective as P;
-        let objective = match self.objective {
-            Objective::Sft => return None,
-            Objective::Dpo => P::Dpo { loss_type: self.loss_type, label_smoothing: self.label_smoothing },
-            Objective::Orpo => P::Orpo,
-        };
-        Some(crate::train::PreferenceSettings { objective, beta: self.beta })
     }
 
     /// `epochs` or `max_steps` (1 epoch when neither is set).
@@ -626,9 +468,10 @@ const PATH_KEYS: [&str; 7] =
     ["model.path", "model.tokenizer", "lora.init_from", "data.files", "data.dir", "data.eval_files", "output.dir"];
 
 impl Recipe {
-    /// The precision of the frozen base's products: `train.matmul_precision`, else the model dtype's.
-    pub fn matmul_precision(&self) -> MatmulPrecision {
-        self.train.matmul_precision.unwrap_or_else(|| MatmulPrecision::for_model_dtype(self.model.dtype.on_cpu()))
+    /// The precision of the frozen base's products for a model loaded in `dtype`: `train.matmul_precision`,
+    /// else the dtype's ([`MatmulPrecision::for_model_dtype`]).
+    pub fn matmul_precision(&self, dtype: candle_core::DType) -> MatmulPrecision {
+        self.train.matmul_precision.unwrap_or_else(|| MatmulPrecision::for_model_dtype(dtype))
     }
 
     /// Reads, overrides, resolves and validates a recipe file. `overrides` are `section.key=value` strings.
@@ -734,9 +577,15 @@ impl Recipe {
     /// A recipe with every default and a placeholder model path (used to type `--set` values).
     pub fn template() -> Recipe {
         Recipe {
-            model: ModelSection { path: PathBuf::from("MODEL"), tokenizer: None, builtin: None, dtype: Dtype::Auto },
+            model: ModelSection {
+                path: PathBuf::from("MODEL"),
+                tokenizer: None,
+                builtin: None,
+                dtype: Dtype::Auto,
+                device: DeviceChoice::Auto,
+            },
             quantization: QuantizationSection::default(),
-            lora: LoraSection::default(),
+            lora: LoraSettings::recipe_defaults(),
             data: DataConfig { files: vec![PathBuf::from("DATA")], ..DataConfig::default() },
             train: TrainSection::default(),
             eval: EvalSection::default(),
@@ -782,6 +631,9 @@ impl Recipe {
                 return err("model.builtin", format!("expected one of {}, found `{name}`{hint}", BUILTIN.join(", ")));
             }
         }
+        if let Err(e) = self.model.device.check() {
+            return err("model.device", e.to_string());
+        }
         let q = &self.quantization;
         if q.block_size != NF4_BLOCK_SIZE {
             return err(
@@ -795,7 +647,7 @@ impl Recipe {
         for k in &q.keep_unquantized {
             if !ALWAYS_UNQUANTIZED.contains(&k.as_str()) && Target::parse_group(k).is_none() {
                 let mut names: Vec<&str> = ALWAYS_UNQUANTIZED.to_vec();
-                names.extend(Target::NAMES);
+                names.extend(Target::SPELLINGS);
                 let hint =
                     datasets::suggest::closest(k, names).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
                 return err(
@@ -822,7 +674,7 @@ impl Recipe {
         }
         for t in &l.targets {
             if Target::parse_group(t).is_none() {
-                let hint = datasets::suggest::closest(t, Target::NAMES)
+                let hint = datasets::suggest::closest(t, Target::SPELLINGS)
                     .map(|s| format!(" (did you mean `{s}`?)"))
                     .unwrap_or_default();
                 return err("lora.targets", format!("unknown target `{t}`{hint}; expected q, k, v, o, gate, up, down, w1, w2, w3, attention, mlp, experts or all"));
@@ -1284,7 +1136,7 @@ max_steps = 100
         );
         let r = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nmatmul_precision = \"medium\""), &[]).unwrap();
         assert_eq!(r.train.matmul_precision, Some(MatmulPrecision::Medium));
-        assert_eq!(r.matmul_precision(), MatmulPrecision::Medium);
+        assert_eq!(r.matmul_precision(candle_core::DType::F32), MatmulPrecision::Medium);
         let r = parse(&GOOD.replace("max_steps = 100", "max_steps = 100\nactivation_memory_gib = 1.5"), &[]).unwrap();
         assert_eq!(r.train.activation_memory_gib, Some(1.5));
         assert_eq!(r.train.activation_memory_bytes(), Some(3 << 29));
@@ -1415,6 +1267,36 @@ max_steps = 100
         assert!(e.message.starts_with("expected a regular expression as key, found `q_proj(`"), "{e}");
         let e = parse(&format!("{GOOD}\n[lora.alpha_pattern]\n'[' = 4.0\n"), &[]).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("lora.alpha_pattern"), "{e}");
+    }
+
+    #[test]
+    fn the_device_is_validated_before_loading() {
+        // Default `auto`; `cpu` and `auto` are accepted and written back as given.
+        assert_eq!(parse(GOOD, &[]).unwrap().model.device, DeviceChoice::Auto);
+        let with = |device: &str| {
+            GOOD.replace("path = \"models/tiny\"", &format!("path = \"models/tiny\"\ndevice = \"{device}\""))
+        };
+        let r = parse(&with("cpu"), &[]).unwrap();
+        assert_eq!(r.model.device, DeviceChoice::Cpu);
+        assert_eq!(parse(&r.to_toml(), &[]).unwrap(), r);
+        // A CUDA device on this build: refused by validation, naming the key and its line.
+        for cuda in ["cuda", "cuda:1"] {
+            let e = parse(&with(cuda), &[]).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "recipe.toml:4: `model.device`: this build has no CUDA support: build with --features cuda",
+                "{cuda}"
+            );
+        }
+        let e = parse(GOOD, &["model.device=cuda"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--set model.device=cuda: `model.device`: this build has no CUDA support: build with --features cuda"
+        );
+        // An unknown device lists the accepted values.
+        let e = parse(&with("tpu"), &[]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("model.device"), "{e}");
+        assert!(e.message.contains("unknown value `tpu`; expected one of auto, cpu, cuda, cuda:N"), "{e}");
     }
 
     /// PEFT takes the first key, in the order written, whose regex matches the module name: with

@@ -16,10 +16,10 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use super::generate::{GenerateRequest, Generation, StopReason, TextStream};
-use super::kv_cache::KvCache;
 use super::rng::Rng;
 use super::sampler::sample;
 use crate::model::attention::attend;
+use crate::model::kv_cache::KvCache;
 use crate::model::mask::MaskSpec;
 use crate::model::rope::Rotary;
 use crate::model::{Layout, Model, ModelTokenizer};

@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 
-use super::kv_cache::KvCache;
 use super::rng::Rng;
 use super::sampler::{sample, SamplingParams};
+use crate::model::kv_cache::KvCache;
 use crate::model::{Layout, Model, ModelTokenizer};
 use crate::{Error, Result};
 

@@ -76,14 +76,19 @@ impl LoraAdapter {
     }
 
     /// PEFT's default init from `rng`: A kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in),
-    /// 1/sqrt(in)); B zero.
-    pub fn init_tensors(r: usize, in_features: usize, out_features: usize, rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+    /// 1/sqrt(in)); B zero; both f32 on `device` (the model's).
+    pub fn init_tensors(
+        r: usize,
+        in_features: usize,
+        out_features: usize,
+        rng: &mut Rng,
+        device: &candle_core::Device,
+    ) -> Result<(Tensor, Tensor)> {
         let bound = 1.0 / (in_features as f64).sqrt();
         let a: Vec<f32> = (0..r * in_features).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
-        let cpu = candle_core::Device::Cpu;
         Ok((
-            Tensor::from_vec(a, (r, in_features), &cpu)?,
-            Tensor::zeros((out_features, r), candle_core::DType::F32, &cpu)?,
+            Tensor::from_vec(a, (r, in_features), device)?,
+            Tensor::zeros((out_features, r), candle_core::DType::F32, device)?,
         ))
     }
 

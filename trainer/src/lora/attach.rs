@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, Var};
+use adapters::naming::{Site, PEFT_PREFIX};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::adapter::{DropoutControl, LoraAdapter};
 use super::config::{LoraPlan, RouterMode};
+use super::peft::{base_shape, linear_mut};
 use crate::infer::Rng;
-use crate::model::decoder::FeedForward;
 use crate::model::linear::Linear;
 use crate::model::Model;
 use crate::{Error, Result};
@@ -44,6 +45,8 @@ struct Attacher<'a> {
     plan: &'a LoraPlan,
     init: &'a LoraInit,
     rng: Rng,
+    /// The model's device: the adapters live there.
+    device: Device,
     control: Arc<DropoutControl>,
     named: Vec<(String, Var)>,
 }
@@ -53,9 +56,9 @@ impl Attacher<'_> {
     fn attach(&mut self, linear: &mut Linear, module: &str) -> Result<()> {
         let m = self.plan.module(module);
         let (out, inp) = linear.shape();
-        let prefix = format!("base_model.model.{module}");
+        let prefix = format!("{PEFT_PREFIX}{module}");
         let (a, b) = match self.init {
-            LoraInit::Seed(_) => LoraAdapter::init_tensors(m.r, inp, out, &mut self.rng)?,
+            LoraInit::Seed(_) => LoraAdapter::init_tensors(m.r, inp, out, &mut self.rng, &self.device)?,
             LoraInit::Tensors(map) => {
                 let get = |suffix: &str, shape: [usize; 2]| -> Result<Tensor> {
                     let name = format!("{prefix}.{suffix}");
@@ -68,7 +71,7 @@ impl Attacher<'_> {
                             t.dims()
                         )));
                     }
-                    Ok(t.to_dtype(DType::F32)?)
+                    Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
                 };
                 (get("lora_A.weight", [m.r, inp])?, get("lora_B.weight", [out, m.r])?)
             }
@@ -81,13 +84,6 @@ impl Attacher<'_> {
         linear.lora = Some(LoraAdapter::new(a, b, m.scale, dropout, id, self.control.clone()));
         Ok(())
     }
-
-    fn maybe(&mut self, linear: &mut Linear, layer: usize, short: &str, module: String) -> Result<()> {
-        if self.plan.targets(layer, short) {
-            self.attach(linear, &module)?;
-        }
-        Ok(())
-    }
 }
 
 /// Attaches adapters to every targeted module of `model` (removing any it had) and returns the
@@ -97,59 +93,39 @@ pub fn attach_lora(model: &mut Model, plan: &LoraPlan, init: &LoraInit) -> Resul
         LoraInit::Seed(s) => *s,
         LoraInit::Tensors(_) => 0,
     };
-    let mut at =
-        Attacher { plan, init, rng: Rng::new(seed), control: Arc::new(DropoutControl::default()), named: Vec::new() };
-    for (l, layer) in model.layers.iter_mut().enumerate() {
-        let p = format!("model.layers.{l}");
-        let attn = &mut layer.self_attn;
-        for (short, linear) in [
-            ("q_proj", &mut attn.q_proj),
-            ("k_proj", &mut attn.k_proj),
-            ("v_proj", &mut attn.v_proj),
-            ("o_proj", &mut attn.o_proj),
-        ] {
-            linear.lora = None;
-            at.maybe(linear, l, short, format!("{p}.self_attn.{short}"))?;
-        }
-        match &mut layer.feed_forward {
-            FeedForward::Dense(mlp) => {
-                for (short, linear) in [
-                    ("gate_proj", &mut mlp.gate_proj),
-                    ("up_proj", &mut mlp.up_proj),
-                    ("down_proj", &mut mlp.down_proj),
-                ] {
-                    linear.lora = None;
-                    at.maybe(linear, l, short, format!("{p}.mlp.{short}"))?;
+    let mut at = Attacher {
+        plan,
+        init,
+        rng: Rng::new(seed),
+        device: model.device.clone(),
+        control: Arc::new(DropoutControl::default()),
+        named: Vec::new(),
+    };
+    // Every module LoRA can sit on, in model order (the order of the trainable tensors and of the adapters' ids).
+    for site in base_shape(&model.config).sites() {
+        let linear = linear_mut(model, site)?;
+        linear.lora = None;
+        let module = site.module_name();
+        match site {
+            Site::Router(_) => match plan.settings().router {
+                RouterMode::Frozen => {}
+                RouterMode::Lora => at.attach(linear, &module)?,
+                RouterMode::Full => {
+                    // The Var itself becomes the layer's weight (f32 master weights, whatever the
+                    // model's dtype): a converted copy would not be a Var and would never train.
+                    let var = Var::from_tensor(&linear.dense_weight()?.to_dtype(DType::F32)?)?;
+                    linear.set_weight(var.as_tensor().clone());
+                    at.named.push((format!("{PEFT_PREFIX}{module}.weight"), var));
                 }
-            }
-            FeedForward::Sparse(moe) => {
-                let router = format!("{p}.block_sparse_moe.gate");
-                moe.router.lora = None;
-                match plan.settings().router {
-                    RouterMode::Frozen => {}
-                    RouterMode::Lora => at.attach(&mut moe.router, &router)?,
-                    RouterMode::Full => {
-                        // The Var itself becomes the layer's weight (f32 master weights, whatever the
-                        // model's dtype): a converted copy would not be a Var and would never train.
-                        let var = Var::from_tensor(&moe.router.dense_weight()?.to_dtype(DType::F32)?)?;
-                        moe.router.set_weight(var.as_tensor().clone());
-                        at.named.push((format!("base_model.model.{router}.weight"), var));
-                    }
-                }
-                for (e, expert) in moe.experts.iter_mut().enumerate() {
-                    let x = format!("{p}.block_sparse_moe.experts.{e}");
-                    for (short, linear) in
-                        [("w1", &mut expert.gate_proj), ("w2", &mut expert.down_proj), ("w3", &mut expert.up_proj)]
-                    {
-                        linear.lora = None;
-                        at.maybe(linear, l, short, format!("{x}.{short}"))?;
-                    }
-                }
-            }
+            },
+            _ if plan.targets(site.layer(), site.short()) => at.attach(linear, &module)?,
+            _ => {}
         }
     }
     if at.named.is_empty() {
-        return Err(Error::Invalid("lora: no module of this model matches lora.targets / lora.layers".into()));
+        return Err(Error::Invalid(
+            "lora: no module of this model matches lora.targets / lora.layers_to_transform".into(),
+        ));
     }
     if let LoraInit::Tensors(map) = init {
         let known: std::collections::HashSet<&str> = at.named.iter().map(|(n, _)| n.as_str()).collect();

@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use adapters::merge::BaseWeights;
-use adapters::{Adapter, BaseShape, ExpertLayout, ExpertProj, LoraSpec, MlpProj, Proj, RouterTraining, Site};
+use adapters::{Adapter, BaseShape, ExpertLayout, ExpertProj, LoraSpec, MlpProj, Proj, Site};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::adapter::{DropoutControl, LoraAdapter};
 use super::attach::TrainableParams;
-use super::config::{LoraSettings, RouterMode};
+use super::config::LoraSettings;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::decoder::FeedForward;
 use crate::model::linear::Linear;
@@ -89,7 +89,7 @@ pub fn parse_adapter_arg(arg: &str) -> Result<(PathBuf, f64)> {
 }
 
 /// The linear layer of `site` in `model`.
-fn linear_mut(model: &mut Model, site: Site) -> Result<&mut Linear> {
+pub(crate) fn linear_mut(model: &mut Model, site: Site) -> Result<&mut Linear> {
     let l = site.layer();
     let layer =
         model.layers.get_mut(l).ok_or_else(|| Error::Invalid(format!("adapter: the model has no layer {l}")))?;
@@ -167,10 +167,10 @@ pub fn apply_adapters(model: &mut Model, adapters: &[(Adapter, f64)]) -> Result<
         if full.is_empty() {
             continue;
         }
-        let base = linear_mut(model, Site::Router(l))?.dense_weight()?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let base = linear_mut(model, Site::Router(l))?.dense_weight()?.to_dtype(DType::F32)?;
         let mut w = base.clone();
         for (t, weight) in full {
-            w = (w + ((t - &base)? * weight)?)?;
+            w = (w + ((t.to_device(base.device())? - &base)? * weight)?)?;
         }
         routers.push((l, w.to_dtype(model.dtype)?.to_device(&model.device)?));
     }
@@ -183,22 +183,18 @@ pub fn apply_adapters(model: &mut Model, adapters: &[(Adapter, f64)]) -> Result<
     Ok(())
 }
 
-/// Our LoRA settings as the adapter's settings.
+/// Our LoRA settings as the adapter's settings (targets as PEFT module names, in canonical order).
 pub fn lora_spec(s: &LoraSettings) -> LoraSpec {
     LoraSpec {
         r: s.r,
         alpha: s.alpha,
         dropout: s.dropout,
         use_rslora: s.use_rslora,
-        targets: s.targets.clone(),
+        targets: s.target_modules(),
         rank_pattern: s.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         alpha_pattern: s.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-        layers: s.layers.clone(),
-        router: match s.router {
-            RouterMode::Frozen => RouterTraining::Frozen,
-            RouterMode::Lora => RouterTraining::Lora,
-            RouterMode::Full => RouterTraining::Full,
-        },
+        layers: (!s.layers_to_transform.is_empty()).then(|| s.layers_to_transform.clone()),
+        router: s.router,
     }
 }
 
@@ -213,12 +209,9 @@ pub fn lora_settings(spec: &LoraSpec) -> LoraSettings {
         targets: spec.targets.clone(),
         rank_pattern: spec.rank_pattern.iter().cloned().collect(),
         alpha_pattern: spec.alpha_pattern.iter().cloned().collect(),
-        layers: spec.layers.clone(),
-        router: match spec.router {
-            RouterTraining::Frozen => RouterMode::Frozen,
-            RouterTraining::Lora => RouterMode::Lora,
-            RouterTraining::Full => RouterMode::Full,
-        },
+        layers_to_transform: spec.layers.clone().unwrap_or_default(),
+        router: spec.router,
+        init_from: None,
     }
 }
 
@@ -283,6 +276,7 @@ impl BaseWeights for CheckpointWeights {
             }
             return Ok(v);
         }
+        // Merges read and write through host memory (`BaseWeights` hands out host vectors).
         self.ckpt
             .load(name, shape, DType::F32, &Device::Cpu)
             .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
@@ -297,6 +291,7 @@ impl BaseWeights for CheckpointWeights {
                 .map(<[f32]>::to_vec)
                 .ok_or_else(|| format!("`{name}`: range out of bounds"));
         }
+        // Host memory, as `read_f32`.
         self.ckpt
             .load_range(name, first, &[count], DType::F32, &Device::Cpu)
             .and_then(|t| Ok(t.to_vec1::<f32>()?))

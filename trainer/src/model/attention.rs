@@ -5,9 +5,9 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use super::kv_cache::LayerCache;
 use super::linear::Linear;
 use super::rope::Rotary;
-use crate::infer::LayerCache;
 use crate::kernels::{is_cpu_activation, FusedAttention};
 
 /// The attention block of a decoder layer.

@@ -6,13 +6,13 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::attention::Attention;
 use super::config::ModelConfig;
+use super::kv_cache::{KvCache, LayerCache};
 use super::linear::Linear;
 use super::mask::MaskSpec;
 use super::mlp::Mlp;
 use super::moe::SparseMoe;
 use super::norm::RmsNorm;
 use super::rope::Rotary;
-use crate::infer::{KvCache, LayerCache};
 
 /// The feed-forward half of a layer.
 #[derive(Debug, Clone)]

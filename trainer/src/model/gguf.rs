@@ -106,6 +106,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
         }),
         None => None,
     };
+    // Read and dequantized in host memory (a GGUF block format is decoded by candle's CPU code), then `put` on
+    // `device`.
     let mut load = |name: &str| -> Result<Tensor> {
         let q = content
             .tensor(&mut reader, name, &Device::Cpu)

@@ -45,9 +45,12 @@ impl Linear {
         Linear { base: LinearBase::Frozen(weight), lora: None }
     }
 
-    /// The base weight as a dense tensor (NF4 dequantized to f32).
+    /// The base weight as a dense tensor on its own device (NF4 dequantized to f32, on the host, where NF4 codes
+    /// live).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.base {
+            LinearBase::Frozen(FrozenWeight::Dense(w)) => Ok(w.detach()),
+            // NF4 codes are host bytes (`Nf4Weight`): they dequantize where they are.
             LinearBase::Frozen(w) => w.to_dense(&candle_core::Device::Cpu),
             LinearBase::Trainable(w) => Ok(w.clone()),
         }

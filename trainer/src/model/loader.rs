@@ -129,6 +129,7 @@ impl TensorSource<'_> {
         }
         match (&self.opts.nf4, self.opts.trainable) {
             (Some(nf4), false) if nf4.quantizes(name) => {
+                // Read into host memory: NF4 quantization runs on the host (its codes are host bytes).
                 let t = self.ckpt.load(name, &[out, inp], DType::F32, &Device::Cpu)?;
                 self.quantized(t, nf4)
             }
@@ -185,6 +186,7 @@ impl TensorSource<'_> {
                 let t = self.ckpt.load_range(source, first, &[rows, cols], self.opts.dtype, &self.opts.device)?;
                 return Ok(Linear::new(self.finish(name, t)?));
             }
+            // Host memory, as in `linear`: NF4 quantization runs on the host.
             let t = self.ckpt.load_range(source, first, &[rows, cols], DType::F32, &Device::Cpu)?;
             return self.quantized(t, nf4);
         }

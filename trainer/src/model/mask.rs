@@ -35,7 +35,7 @@ impl MaskSpec<'_> {
     pub fn after_cache(
         batch: usize,
         q_len: usize,
-        cache: Option<&crate::infer::KvCache>,
+        cache: Option<&super::kv_cache::KvCache>,
         window: Option<usize>,
     ) -> Self {
         let (q_start, k_start) = cache.map_or((0, 0), |c| (c.seen(), c.start()));

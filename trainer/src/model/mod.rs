@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod gguf;
+pub mod kv_cache;
 pub mod linear;
 pub mod loader;
 pub mod mask;

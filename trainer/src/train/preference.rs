@@ -28,17 +28,7 @@ use super::update::{add_expert_load, apply_update, kept_layers, StepProgress, St
 use crate::lora::TrainableParams;
 use crate::model::{Layout, Model};
 
-/// DPO's loss on `delta = (chosen - ref_chosen) - (rejected - ref_rejected)` log-ratios (TRL's names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DpoLossType {
-    /// The DPO paper's: `-log sigmoid(beta * delta)`.
-    Sigmoid,
-    /// IPO: `(delta_avg - 1 / (2 beta))^2`, each log-ratio divided by its completion's length first (TRL's form).
-    Ipo,
-    /// Robust DPO: `label_smoothing` is the probability that a preference label is flipped.
-    Robust,
-}
+pub use crate::recipe::DpoLossType;
 
 /// Which preference objective, with its settings.
 #[derive(Debug, Clone, Copy, PartialEq)]

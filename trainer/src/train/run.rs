@@ -20,7 +20,7 @@ use super::step::MicroBatch;
 use super::update::{optimizer_step, StepReport, StepSettings};
 use crate::lora::{attach_lora, peft, LoraInit, LoraPlan, LoraSettings, TrainableParams};
 use crate::model::{load_model, LoadOptions, Model, ModelConfig, ModelTokenizer, Nf4Options, ParameterCounts};
-use crate::recipe::{AdapterLayout, QuantMethod, Recipe};
+use crate::recipe::{AdapterLayout, Objective, QuantMethod, Recipe, TrainSection};
 use crate::{Error, Result};
 
 /// Consecutive non-finite steps after which training stops.
@@ -68,20 +68,20 @@ impl RunDir {
     }
 }
 
-/// The engine's LoRA settings of a recipe.
+/// The engine's LoRA settings of a recipe: its `[lora]` section, which is the engine's type.
 pub fn lora_settings(recipe: &Recipe) -> LoraSettings {
-    let l = &recipe.lora;
-    LoraSettings {
-        r: l.r,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        use_rslora: l.use_rslora,
-        targets: l.target_set().into_iter().map(|t| t.hf_name().to_string()).collect(),
-        rank_pattern: l.rank_pattern.clone(),
-        alpha_pattern: l.alpha_pattern.clone(),
-        layers: (!l.layers_to_transform.is_empty()).then(|| l.layers_to_transform.clone()),
-        router: l.router,
-    }
+    recipe.lora.clone()
+}
+
+/// The preference objective of `[train]` (`None` for `sft`).
+pub fn preference_settings(t: &TrainSection) -> Option<super::PreferenceSettings> {
+    use super::PreferenceObjective as P;
+    let objective = match t.objective {
+        Objective::Sft => return None,
+        Objective::Dpo => P::Dpo { loss_type: t.loss_type, label_smoothing: t.label_smoothing },
+        Objective::Orpo => P::Orpo,
+    };
+    Some(super::PreferenceSettings { objective, beta: t.beta })
 }
 
 /// Refuses to start when the run directory cannot hold a checkpoint: creates it, then writes and
@@ -162,17 +162,19 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
     let tokenizer = ModelTokenizer::load(model_dir, &config)?;
     let encoder = tokenizer.encoder(recipe.data.prompt_format)?;
     // The data first: a bad row is reported before the model is loaded.
-    let data = match recipe.train.preference() {
+    let data = match preference_settings(&recipe.train) {
         Some(_) => open_pairs(recipe, &encoder)?,
         None => open_sft(recipe, &encoder)?,
     };
-    let dtype = recipe.model.dtype.on_cpu();
+    let device = recipe.model.device.resolve()?;
+    let dtype = recipe.model.dtype.resolve(&device);
+    crate::kernels::set_matmul_precision(recipe.matmul_precision(dtype));
     let nf4 = match recipe.quantization.method {
         QuantMethod::Nf4 => Some(nf4_options(recipe)?),
         QuantMethod::None => None,
     };
     let quantized = nf4.is_some();
-    let mut model = load_model(model_dir, &LoadOptions { dtype, nf4, ..LoadOptions::default() })?.model;
+    let mut model = load_model(model_dir, &LoadOptions { dtype, device, nf4, ..LoadOptions::default() })?.model;
     let settings = lora_settings(recipe);
     let plan = LoraPlan::new(settings.clone()).map_err(Error::Invalid)?;
     let init = match &recipe.lora.init_from {
@@ -327,7 +329,7 @@ fn memory_plan(recipe: &Recipe, model: &Model, trainable_parameters: usize) -> (
     let shape = StepShape::for_model(
         model,
         // A pair micro-batch has two rows per pair.
-        t.micro_batch_size * recipe.data.max_seq_len * if t.preference().is_some() { 2 } else { 1 },
+        t.micro_batch_size * recipe.data.max_seq_len * if preference_settings(t).is_some() { 2 } else { 1 },
         trainable_parameters,
         t.gradient_checkpointing,
     );
@@ -426,10 +428,9 @@ struct LoopState {
 /// Runs (or resumes) the training a recipe describes.
 pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Reporter) -> Result<RunSummary> {
     recipe.validate().map_err(|(key, msg)| Error::Invalid(format!("recipe: `{key}`: {msg}")))?;
-    crate::kernels::set_matmul_precision(recipe.matmul_precision());
     let run_dir = RunDir { root: recipe.output.dir.clone() };
     let mut s = open_session(recipe, &run_dir)?;
-    let preference = recipe.train.preference();
+    let preference = preference_settings(&recipe.train);
     let total = total_steps(recipe, &s.stream);
     let trainable_bytes = (s.params.count() * 4) as u64;
     check_output_dir(&run_dir.root, trainable_bytes * 4)?;
@@ -671,7 +672,7 @@ fn evaluate(
 ) -> Result<()> {
     let (mut loss, tokens) = eval_loss(&s.model, &s.eval_batches)?;
     let mut pair_scalars = Vec::new();
-    if let (Some(pref), false) = (recipe.train.preference(), s.eval_pairs.is_empty()) {
+    if let (Some(pref), false) = (preference_settings(&recipe.train), s.eval_pairs.is_empty()) {
         let all = s
             .eval_pairs
             .iter()

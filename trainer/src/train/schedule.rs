@@ -4,18 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The shape of the schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScheduleKind {
-    /// Constant after warmup.
-    Constant,
-    /// Linear decay to `min_lr_ratio` at the last step.
-    Linear,
-    /// Half-cosine decay to `min_lr_ratio` at the last step (the default).
-    #[default]
-    Cosine,
-}
+/// The shape of the schedule after warmup: the recipe's `train.schedule`.
+pub use crate::recipe::Schedule as ScheduleKind;
 
 /// A schedule over a known number of steps.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
