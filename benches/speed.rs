@@ -14,7 +14,11 @@
 //! batch 4 x 256, LoRA r=8 on all linears, f32 and NF4 bases: without checkpointing; with it, keeping the
 //! activations the default budget allows (what `train` does: at these shapes, every layer) and
 //! recomputing every layer (what the peer does); and with bf16 products of the frozen base, each
-//! configuration in its own process).
+//! configuration in its own process); `dpo-memory` (the peak RSS of a DPO step against an SFT step of the same
+//! token count: the `train` case's Mistral shapes on an NF4 base, 8 rows of 256 tokens, i.e. 4 pairs of a
+//! 128-token prompt with 128-token completions against 8 SFT sequences; each objective in its own process, the
+//! model included in both peaks; the bound is DPO <= 1.3x SFT, since the reference model is the same
+//! weights with the adapters off; no peer).
 //!
 //! The reference peer (transformers + PEFT + bitsandbytes on PyTorch, benches/peer.py) runs the same
 //! cases in the same invocation, right after each of ours, with as many threads as we use; each case then
@@ -599,6 +603,126 @@ fn training_cases(only: Option<usize>) -> Vec<Row> {
     rows
 }
 
+/// The `--objective=NAME` argument of a `dpo-memory` case process (`sft` or `dpo`).
+fn memory_objective() -> String {
+    std::env::args().find_map(|a| a.strip_prefix("--objective=").map(String::from)).unwrap_or_else(|| "sft".into())
+}
+
+/// One row: a few training steps of `objective` (`sft` or `dpo`) at the same token count, and this process's
+/// peak RSS (model loading included).
+fn dpo_memory_case(objective: &str) -> Vec<Row> {
+    use trainer::lora::{attach_lora, LoraInit, LoraPlan, LoraSettings};
+    use trainer::model::Nf4Options;
+    use trainer::train::{
+        optimizer_step, preference_step, AdamW, AdamWConfig, DpoLossType, MicroBatch, PairBatch, PreferenceObjective,
+        PreferenceSettings, Reference, Schedule, ScheduleKind, StepSettings,
+    };
+    let json = serde_json::json!({
+        "model_type": "mistral", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1536,
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "rope_theta": 1e6,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2
+    });
+    let config = ModelConfig::from_json_str(&json.to_string()).expect("config");
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_random_model(dir.path(), &config, 3, 0.02).expect("write model");
+    // From here: loading and the steps, not writing the random model.
+    trainer::system::reset_peak_rss();
+    let (rows, t, prompt) = (8usize, 256usize, 128usize);
+    let opts = LoadOptions { nf4: Some(Nf4Options::qlora()), ..LoadOptions::default() };
+    let mut model = load_model(dir.path(), &opts).expect("load").model;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from);
+    let settings = LoraSettings { r: 8, alpha: 16.0, targets: targets.to_vec(), ..LoraSettings::default() };
+    let params = attach_lora(&mut model, &LoraPlan::new(settings).expect("plan"), &LoraInit::Seed(0)).expect("lora");
+    let sizes: Vec<usize> = params.named.iter().map(|(_, v)| v.elem_count()).collect();
+    let mut adamw = AdamW::new(AdamWConfig::default(), &sizes);
+    let schedule =
+        Schedule { kind: ScheduleKind::Constant, base_lr: 1e-4, warmup_steps: 0, total_steps: 10, min_lr_ratio: 0.0 };
+    let step_settings =
+        StepSettings { aux_coef: 0.0, max_grad_norm: 1.0, checkpointing: true, activation_budget: Some(u64::MAX) };
+    let ids: Vec<u32> = (0..(rows * t) as u32).map(|i| 3 + (i * 7919) % 31000).collect();
+    let sft = MicroBatch {
+        batch: rows,
+        seq_len: t,
+        input_ids: ids.clone(),
+        labels: ids.iter().map(|&i| i as i64).collect(),
+        positions: None,
+        documents: None,
+        valid: None,
+    };
+    // Pair i's rows i (chosen) and 4 + i (rejected) share their first `prompt` tokens.
+    let pairs = rows / 2;
+    let mut pair_ids = ids.clone();
+    for i in 0..pairs {
+        let (c, r) = (i * t, (pairs + i) * t);
+        let shared: Vec<u32> = pair_ids[c..c + prompt].to_vec();
+        pair_ids[r..r + prompt].copy_from_slice(&shared);
+    }
+    let pb = PairBatch {
+        pairs,
+        seq_len: t,
+        input_ids: pair_ids,
+        completion: (0..rows * t).map(|k| k % t >= prompt).collect(),
+        valid: vec![true; rows * t],
+        indices: Vec::new(),
+    };
+    let dpo = PreferenceSettings {
+        objective: PreferenceObjective::Dpo { loss_type: DpoLossType::Sigmoid, label_smoothing: 0.0 },
+        beta: 0.1,
+    };
+    let reference = Reference::base(&params).expect("reference");
+    let mut times = Vec::new();
+    for step in 0..3u64 {
+        let start = Instant::now();
+        if objective == "dpo" {
+            preference_step(
+                step,
+                &model,
+                &params,
+                &mut adamw,
+                &schedule,
+                std::slice::from_ref(&pb),
+                &dpo,
+                Some(&reference),
+                &step_settings,
+                step,
+                &mut |_| {},
+            )
+            .expect("dpo step");
+        } else {
+            optimizer_step(
+                step,
+                &model,
+                &params,
+                &mut adamw,
+                &schedule,
+                std::slice::from_ref(&sft),
+                &step_settings,
+                step,
+                &mut |_| {},
+            )
+            .expect("sft step");
+        }
+        if step > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
+    let rss = peak_rss_bytes();
+    println!(
+        "dpo-mem   {objective:3} step, mistral-shaped NF4, {rows} rows x {t} tokens | {:.0} tok/s | peak RSS {}",
+        (rows * t) as f64 / secs,
+        gib(rss)
+    );
+    vec![Row::new(
+        format!("{objective} step {rows}x{t} nf4 (memory)"),
+        "tok/s",
+        (rows * t) as f64 / secs,
+        &[("case", json!("dpo-memory")), ("objective", json!(objective))],
+    )
+    .rss(rss)]
+}
+
 /// The reference peer: benches/peer.py under a Python with torch, transformers, peft and bitsandbytes.
 struct Peer {
     python: String,
@@ -740,6 +864,7 @@ fn run_case(case: &str) -> Vec<Row> {
         "nf4" => nf4_case(),
         "frozen-linear" => frozen_linear_case(),
         "train" => training_cases(train_config()),
+        "dpo-memory" => dpo_memory_case(&memory_objective()),
         _ => mistral_7b_2layer_case(),
     }
 }
@@ -755,6 +880,21 @@ fn run_case_process(case: &str) -> Vec<Row> {
         // One process per configuration: the allocator keeps what a configuration freed, so a shared
         // process would carry one configuration's peak into the next.
         return (0..TRAIN_CONFIGS).flat_map(|i| run_process(case, &[format!("--train-config={i}")])).collect();
+    }
+    if case == "dpo-memory" {
+        let rows: Vec<Row> =
+            ["sft", "dpo"].iter().flat_map(|o| run_process(case, &[format!("--objective={o}")])).collect();
+        if let [sft, dpo] = rows.as_slice() {
+            if let (Some(s), Some(d)) = (sft.ours_rss, dpo.ours_rss) {
+                println!(
+                    "dpo-mem   peak RSS: DPO step {} vs SFT step {} at the same token count: DPO/SFT {:.3}x (bound 1.3x)",
+                    gib(Some(d)),
+                    gib(Some(s)),
+                    d as f64 / s as f64
+                );
+            }
+        }
+        return rows;
     }
     run_process(case, &[])
 }
@@ -798,7 +938,7 @@ fn main() {
     trainer::system::tune_process();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let wanted: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    let cases = ["generate", "nf4", "frozen-linear", "train", "mistral-7b-2layer"];
+    let cases = ["generate", "nf4", "frozen-linear", "train", "mistral-7b-2layer", "dpo-memory"];
     if let Some(unknown) = wanted.iter().find(|w| !cases.contains(&w.as_str())) {
         eprintln!("unknown case `{unknown}`; cases: {}", cases.join(" "));
         std::process::exit(2);
@@ -824,7 +964,8 @@ fn main() {
             continue;
         }
         let mut case_rows = run_case_process(case);
-        if let Some(peer) = &peer {
+        // The peer has no preference case: the DPO/SFT memory ratio is ours alone.
+        if let Some(peer) = peer.as_ref().filter(|_| case != "dpo-memory") {
             peer.compare(case, &mut case_rows);
         }
         rows.extend(case_rows);

@@ -415,6 +415,9 @@ pub struct PairBatch {
     pub completion: Vec<bool>,
     /// `false` on padding.
     pub valid: Vec<bool>,
+    /// Each pair's index in its [`PairDataset`] (empty when the batch was laid out from loose pairs): what
+    /// precomputed per-pair values (DPO's reference log-probabilities) are looked up by.
+    pub indices: Vec<u32>,
 }
 
 impl PairBatch {
@@ -439,6 +442,7 @@ impl PairBatch {
             input_ids: vec![pad_id; rows * seq_len],
             completion: vec![false; rows * seq_len],
             valid: vec![false; rows * seq_len],
+            indices: Vec::new(),
         };
         let sides = pairs.iter().map(|p| (&p.prompt, &p.chosen)).chain(pairs.iter().map(|p| (&p.prompt, &p.rejected)));
         for (row, (prompt, completion)) in sides.enumerate() {
@@ -550,7 +554,9 @@ impl PairBatches {
         let lo = index * self.micro_batch_size;
         let hi = (lo + self.micro_batch_size).min(self.data.len());
         let pairs: Vec<&EncodedPair> = self.order[lo..hi].iter().map(|&i| &self.data.pairs[i as usize]).collect();
-        PairBatch::new(&pairs, self.pad_id, self.multiple)
+        let mut b = PairBatch::new(&pairs, self.pad_id, self.multiple);
+        b.indices = self.order[lo..hi].to_vec();
+        b
     }
 
     /// The next micro-batch, moving to the next (reshuffled) epoch when one ends. Never ends.

@@ -1,5 +1,6 @@
 //! `tramontane data`: how a recipe's dataset is encoded — examples with trained tokens marked, packed sequences
-//! with their document boundaries, and statistics.
+//! with their document boundaries, and statistics; for preference data (DPO/ORPO), each pair's prompt, chosen and
+//! rejected completions with the tokens that count, and how pairs are batched.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -14,7 +15,9 @@ use trainer::recipe::Recipe;
 #[command(after_help = "Examples:\n  tramontane data recipes/quickstart.toml\n  \
 tramontane data recipes/quickstart.toml --limit 1 --tokens\n  \
 tramontane data recipes/mistral-7b-qlora.toml --set data.max_seq_len=1024 --json > encoded.json\n\n\
-Trained tokens are shown in green on a terminal and between « » otherwise; everything else is masked.")]
+Trained tokens are shown in green on a terminal and between « » otherwise; everything else is masked. For
+preference data (data.format = \"preference\") each pair shows its chosen and rejected rows (the shared prompt,
+then the completion, whose tokens are the ones that count).")]
 pub struct DataArgs {
     /// The recipe (TOML).
     recipe: PathBuf,
@@ -57,6 +60,9 @@ fn run_inner(args: DataArgs) -> Result<()> {
         format!("reading the tokenizer {} (from model.path; set model.tokenizer to use another)", tok_path.display())
     })?;
     let encoder = Encoder::for_tokenizer(&tokenizer, recipe.data.prompt_format)?;
+    if recipe.data.format == datasets::Format::Preference {
+        return pairs::run(&args, &recipe, &tok_path, &encoder);
+    }
     let data = datasets::load(&recipe.data, &encoder, recipe.train.seed)?;
     let shown = if args.eval {
         data.eval.clone().context("the recipe has no eval split (set data.eval_fraction or data.eval_files)")?
@@ -115,6 +121,8 @@ fn run_inner(args: DataArgs) -> Result<()> {
     }
     Ok(())
 }
+
+mod pairs;
 
 /// The path relative to the current directory when it is inside it.
 fn shorten(p: &Path) -> String {

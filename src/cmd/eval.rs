@@ -1,13 +1,18 @@
 //! `tramontane eval`: mean token loss and perplexity of a sequence or a whole dataset under a model, and
-//! generation quality (exact match, contains, token F1) on a dataset; base and each adapter side by side.
+//! generation quality (exact match, contains, token F1) on a dataset; on preference pairs, the DPO/ORPO loss and
+//! TRL's reward metrics; base and each adapter side by side.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use trainer::infer::{generate, GenerateRequest, SamplingParams};
 use trainer::model::{Layout, Model, ModelTokenizer};
+use trainer::recipe::Recipe;
 use trainer::train::loss::{labelled_nll_sum, ShiftedTargets};
+use trainer::train::{
+    policy_metrics, sequence_logps, PreferenceMetrics, PreferenceObjective, PreferenceSettings, ReferenceKind,
+};
 
 use super::model_args::{parse_ids, ContextNeed, Demand, ModelArgs};
 
@@ -17,7 +22,14 @@ use super::model_args::{parse_ids, ContextNeed, Demand, ModelArgs};
 tramontane eval --model DIR --text \"The quick brown fox\"\n  \
 tramontane eval --model DIR --adapter runs/a/adapter --adapter runs/b/adapter --data held_out.jsonl --format chat\n  \
 tramontane eval --model DIR --adapter runs/quickstart/adapter --data datasets/samples/pirate-chat.parquet \
---held-out 0.1 --generate --json")]
+--held-out 0.1 --generate --json\n  \
+tramontane eval --model DIR --quantize nf4 --adapter runs/quickstart-dpo/adapter --recipe recipes/quickstart-dpo.toml\n  \
+tramontane eval --model DIR --adapter runs/dpo/adapter --data pairs.parquet --format preference --objective dpo --beta 0.1\n\n\
+On preference data (--format preference, or a recipe with data.format = \"preference\") each adapter is scored as the \
+policy against the reference (the base model; the recipe's lora.init_from adapter when its DPO reference is \
+\"init_from\"), one pair at a time: loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, \
+logps/chosen, logps/rejected, and for ORPO nll_loss, log_odds_ratio and log_odds_chosen (TRL's names; means over \
+pairs).")]
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -31,9 +43,27 @@ pub struct EvalArgs {
     /// its own, side by side with the base model.
     #[arg(long = "data", group = "input", value_name = "FILE")]
     data: Vec<PathBuf>,
-    /// Dataset format: text, instruct, chat, tools or tokens.
+    /// Dataset format: text, instruct, chat, tools, tokens or preference.
     #[arg(long, default_value = "chat")]
     format: String,
+    /// Take the data settings (format, columns, prompt format, max_seq_len, split seed) and, for preference data,
+    /// the objective (train.objective, beta, loss_type, label_smoothing, reference) from this training recipe;
+    /// without --data, evaluate its held-out split (data.eval_files, or the data.eval_fraction split with
+    /// train.seed: the pairs or examples the run evaluates).
+    #[arg(long, value_name = "RECIPE", conflicts_with_all = ["prompt_ids", "text"])]
+    recipe: Option<PathBuf>,
+    /// Preference data without --recipe: the objective, `dpo` or `orpo`.
+    #[arg(long, default_value = "dpo")]
+    objective: String,
+    /// Preference data without --recipe: DPO's beta / ORPO's lambda.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// Preference data without --recipe: DPO's loss, `sigmoid`, `ipo` or `robust`.
+    #[arg(long, default_value = "sigmoid")]
+    loss_type: String,
+    /// Preference data without --recipe: robust DPO's label flip probability, in [0, 0.5).
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
     /// Evaluate only the held-out part the trainer would split off with this `data.eval_fraction` (and --seed).
     #[arg(long, value_name = "FRACTION")]
     held_out: Option<f64>,
@@ -60,7 +90,7 @@ pub struct EvalArgs {
 
 /// Runs `tramontane eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
-    if !args.data.is_empty() {
+    if !args.data.is_empty() || args.recipe.is_some() {
         return run_dataset(&args);
     }
     let given = args.prompt_ids.as_deref().map(parse_ids).transpose()?;
@@ -68,7 +98,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let tokens = match (&given, &args.text) {
         (Some(ids), _) => ids.len(),
         (_, Some(text)) => text.len() + 2,
-        _ => bail!("give --prompt-ids, --text or --data"),
+        _ => bail!("give --prompt-ids, --text, --data or --recipe"),
     };
     let demand = Demand {
         context: ContextNeed::Fixed { context: tokens, prefill: tokens, logit_rows: tokens },
@@ -133,23 +163,28 @@ struct Scores {
     samples: Vec<serde_json::Value>,
 }
 
-fn run_dataset(args: &EvalArgs) -> Result<()> {
-    let base_args = ModelArgs { model: args.model.model.clone(), adapter: Vec::new(), load: args.model.load.clone() };
-    // Each example is scored in one forward pass, then (with --generate) answered after its prompt: the answer
-    // is at most the reference's length + 8 tokens, and prompt + reference fit in --max-seq-len.
-    let generated = if args.generate { args.max_new_tokens.unwrap_or(8) } else { 0 };
-    let demand = Demand {
-        context: ContextNeed::Fixed {
-            context: args.max_seq_len.saturating_add(generated),
-            prefill: args.max_seq_len,
-            logit_rows: args.max_seq_len,
-        },
-        extra_adapters: args.model.adapter.iter().map(PathBuf::from).collect(),
-    };
-    let loaded = base_args.load(true, &demand)?;
-    let tokenizer = loaded.tokenizer.context("--data needs tokenizer.json or tekken.json")?;
-    let format: datasets::Format = serde_json::from_value(serde_json::json!(args.format))
-        .map_err(|_| anyhow::anyhow!("--format `{}`: expected text, instruct, chat, tools or tokens", args.format))?;
+/// The data settings of `--data`/`--format` or `--recipe`, its split seed, and whether to take the held-out split.
+fn data_config(args: &EvalArgs, recipe: Option<&Recipe>) -> Result<(datasets::DataConfig, u64, bool)> {
+    if let Some(r) = recipe {
+        let mut config = r.data.clone();
+        if args.data.is_empty() {
+            if config.eval_files.is_empty() && config.eval_fraction <= 0.0 {
+                bail!(
+                    "--recipe {}: the recipe has no held-out split (data.eval_fraction or data.eval_files); give --data",
+                    args.recipe.as_deref().unwrap_or(Path::new("")).display()
+                );
+            }
+            return Ok((config, r.train.seed, true));
+        }
+        config.files = args.data.clone();
+        config.dir = None;
+        config.eval_files = Vec::new();
+        config.eval_fraction = args.held_out.unwrap_or(0.0);
+        return Ok((config, r.train.seed, args.held_out.is_some()));
+    }
+    let format: datasets::Format = serde_json::from_value(serde_json::json!(args.format)).map_err(|_| {
+        anyhow::anyhow!("--format `{}`: expected text, instruct, chat, tools, tokens or preference", args.format)
+    })?;
     let config = datasets::DataConfig {
         files: args.data.clone(),
         format,
@@ -157,9 +192,82 @@ fn run_dataset(args: &EvalArgs) -> Result<()> {
         eval_fraction: args.held_out.unwrap_or(0.0),
         ..datasets::DataConfig::default()
     };
+    Ok((config, args.seed, args.held_out.is_some()))
+}
+
+/// The preference objective of `--recipe`, else of `--objective`, `--beta`, `--loss-type`, `--label-smoothing`.
+fn preference_settings(args: &EvalArgs, recipe: Option<&Recipe>) -> Result<PreferenceSettings> {
+    if let Some(r) = recipe {
+        return trainer::train::run::preference_settings(&r.train)
+            .context("--recipe: data.format = \"preference\" needs train.objective = \"dpo\" or \"orpo\"");
+    }
+    if !(args.beta.is_finite() && args.beta > 0.0) {
+        bail!("--beta must be positive (got {})", args.beta);
+    }
+    if !(0.0..0.5).contains(&args.label_smoothing) {
+        bail!("--label-smoothing must be in [0, 0.5) (got {})", args.label_smoothing);
+    }
+    let objective = match args.objective.as_str() {
+        "dpo" => PreferenceObjective::Dpo {
+            loss_type: serde_json::from_value(serde_json::json!(args.loss_type))
+                .map_err(|_| anyhow::anyhow!("--loss-type `{}`: expected sigmoid, ipo or robust", args.loss_type))?,
+            label_smoothing: args.label_smoothing,
+        },
+        "orpo" => PreferenceObjective::Orpo,
+        other => bail!("--objective `{other}`: expected dpo or orpo"),
+    };
+    Ok(PreferenceSettings { objective, beta: args.beta })
+}
+
+fn run_dataset(args: &EvalArgs) -> Result<()> {
+    let recipe = args.recipe.as_ref().map(|p| Recipe::load(p, &[])).transpose()?;
+    let (config, seed, held_out) = data_config(args, recipe.as_ref())?;
+    let preference = config.format == datasets::Format::Preference;
+    if preference && args.generate {
+        bail!("--generate scores answers against a reference answer; preference pairs have two (leave it out)");
+    }
+    let base_args = ModelArgs { model: args.model.model.clone(), adapter: Vec::new(), load: args.model.load.clone() };
+    // Each example is scored in one forward pass, then (with --generate) answered after its prompt: the answer
+    // is at most the reference's length + 8 tokens, and prompt + reference fit in --max-seq-len. A pair is two
+    // rows (prompt + chosen, prompt + rejected) in one pass.
+    let max_seq_len = config.max_seq_len;
+    let generated = if args.generate { args.max_new_tokens.unwrap_or(8) } else { 0 };
+    let rows = if preference { 2 } else { 1 };
+    let mut extra_adapters: Vec<PathBuf> = args.model.adapter.iter().map(PathBuf::from).collect();
+    let reference_adapter = recipe.as_ref().and_then(|r| {
+        let dpo = r.train.objective == trainer::recipe::Objective::Dpo;
+        let init_from = r.lora.init_from.clone();
+        (dpo && r.train.reference_kind(init_from.is_some()) == ReferenceKind::InitFrom).then_some(init_from).flatten()
+    });
+    extra_adapters.extend(reference_adapter.clone());
+    let demand = Demand {
+        context: ContextNeed::Fixed {
+            context: max_seq_len.saturating_add(generated),
+            prefill: rows * max_seq_len,
+            logit_rows: rows * max_seq_len,
+        },
+        extra_adapters,
+    };
+    let loaded = base_args.load(true, &demand)?;
+    let tokenizer = loaded.tokenizer.context("--data needs tokenizer.json or tekken.json")?;
     let encoder = tokenizer.encoder(config.prompt_format)?;
-    let data = datasets::load(&config, &encoder, args.seed).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let dataset = if args.held_out.is_some() { data.eval.context("no held-out examples")? } else { data.train };
+    if preference {
+        let settings = preference_settings(args, recipe.as_ref())?;
+        let data = datasets::load_pairs(&config, &encoder, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pairs = if held_out { data.eval.context("no held-out pairs")? } else { data.train };
+        let models = with_adapters(loaded.model, &args.model.adapter)?;
+        let reference = match &reference_adapter {
+            Some(dir) => {
+                let base = &models[0].1;
+                let dir_arg = dir.display().to_string();
+                with_adapters(base.clone(), std::slice::from_ref(&dir_arg))?.pop().map(|(_, m)| m)
+            }
+            None => None,
+        };
+        return run_pairs(args, &pairs, &settings, &models, reference.as_ref(), encoder.eos_id());
+    }
+    let data = datasets::load(&config, &encoder, seed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dataset = if held_out { data.eval.context("no held-out examples")? } else { data.train };
     let eos = tokenizer.eos_ids.clone();
     let items: Vec<Item> = dataset
         .iter()
@@ -179,17 +287,7 @@ fn run_dataset(args: &EvalArgs) -> Result<()> {
         bail!("no example has trained tokens to score");
     }
 
-    let base = loaded.model;
-    let mut models: Vec<(String, Model)> = Vec::new();
-    for arg in &args.model.adapter {
-        let (dir, weight) = trainer::lora::peft::parse_adapter_arg(arg)?;
-        let adapter = trainer::lora::peft::load_adapter(&dir, &base.config)
-            .with_context(|| format!("--adapter {}", dir.display()))?;
-        let mut model = base.clone();
-        trainer::lora::peft::apply_adapters(&mut model, &[(adapter, weight)])?;
-        models.push((arg.clone(), model));
-    }
-    models.insert(0, ("base".to_string(), base));
+    let models = with_adapters(loaded.model, &args.model.adapter)?;
 
     let total = models.len() * items.len();
     let bar = (!args.json && total > 20).then(|| indicatif_bar(total as u64));
@@ -214,6 +312,93 @@ fn run_dataset(args: &EvalArgs) -> Result<()> {
         b.finish_and_clear();
     }
     report(args, &items, &results)
+}
+
+/// The base model (named `base`) and, for each `--adapter DIR[:WEIGHT]`, a clone of it with that adapter.
+fn with_adapters(base: Model, adapter_args: &[String]) -> Result<Vec<(String, Model)>> {
+    let mut models: Vec<(String, Model)> = Vec::new();
+    for arg in adapter_args {
+        let (dir, weight) = trainer::lora::peft::parse_adapter_arg(arg)?;
+        let adapter = trainer::lora::peft::load_adapter(&dir, &base.config)
+            .with_context(|| format!("--adapter {}", dir.display()))?;
+        let mut model = base.clone();
+        trainer::lora::peft::apply_adapters(&mut model, &[(adapter, weight)])?;
+        models.push((arg.clone(), model));
+    }
+    models.insert(0, ("base".to_string(), base));
+    Ok(models)
+}
+
+/// Preference metrics of every model on `pairs`, one pair per forward pass (so the means are over pairs,
+/// whatever their lengths), each model the policy against `reference` (default: the base, `models[0]`).
+fn run_pairs(
+    args: &EvalArgs,
+    pairs: &datasets::PairDataset,
+    settings: &PreferenceSettings,
+    models: &[(String, Model)],
+    reference: Option<&Model>,
+    pad_id: u32,
+) -> Result<()> {
+    let n = pairs.len().min(args.limit.unwrap_or(usize::MAX));
+    if n == 0 {
+        bail!("no preference pairs to evaluate");
+    }
+    let dpo = matches!(settings.objective, PreferenceObjective::Dpo { .. });
+    let reference = reference.unwrap_or(&models[0].1);
+    let bar = (!args.json && n * models.len() > 20).then(|| indicatif_bar((n * models.len()) as u64));
+    let mut per_model: Vec<Vec<PreferenceMetrics>> = vec![Vec::with_capacity(n); models.len()];
+    for pair in pairs.pairs.iter().take(n) {
+        let pb = datasets::PairBatch::new(&[pair], pad_id, 1);
+        let ref_logps = if dpo { Some(sequence_logps(reference, &pb)?) } else { None };
+        for ((_, model), all) in models.iter().zip(per_model.iter_mut()) {
+            all.push(policy_metrics(model, &pb, settings, ref_logps.as_deref())?);
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let objective = match settings.objective {
+        PreferenceObjective::Dpo { .. } => "dpo",
+        PreferenceObjective::Orpo => "orpo",
+    };
+    let rows: Vec<(String, PreferenceMetrics)> =
+        models.iter().zip(&per_model).map(|((name, _), all)| (name.clone(), PreferenceMetrics::mean(all))).collect();
+    if args.json {
+        let results: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(name, m)| {
+                let mut v = serde_json::json!({"model": name, "pairs": n, "loss": m.loss});
+                for (k, x) in m.scalars() {
+                    v[k] = serde_json::json!(x);
+                }
+                v
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"pairs": n, "objective": objective, "beta": settings.beta, "results": results})
+        );
+        return Ok(());
+    }
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(4).max(5);
+    let names: Vec<&str> = rows[0].1.scalars().iter().map(|(k, _)| *k).collect();
+    print!("{:width$}  {:>9}", "model", "loss");
+    for k in &names {
+        print!("  {:>k_width$}", k, k_width = k.len().max(9));
+    }
+    println!();
+    for (name, m) in &rows {
+        print!("{name:width$}  {:>9.4}", m.loss);
+        for ((k, x), _) in m.scalars().iter().zip(&names) {
+            print!("  {:>k_width$.4}", x, k_width = k.len().max(9));
+        }
+        println!();
+    }
+    println!("({n} pairs, {objective}, beta {})", settings.beta);
+    Ok(())
 }
 
 fn indicatif_bar(total: u64) -> indicatif::ProgressBar {

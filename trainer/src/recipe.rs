@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 pub use datasets::DataConfig;
 
 use crate::device::DeviceChoice;
-use crate::lora::{LoraSettings, RouterMode};
+use crate::lora::LoraSettings;
 
 /// A complete training recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,6 +256,15 @@ pub struct TrainSection {
     /// Robust DPO's probability that a preference label is flipped, in [0, 0.5). Default 0. (TRL 1.16's
     /// `sigmoid` and `ipo` ignore label smoothing, so it must stay 0 with them.)
     pub label_smoothing: f64,
+    /// DPO's reference model: `base` (the adapters switched off) or `init_from` (the base with the
+    /// `lora.init_from` adapter, frozen: the SFT model DPO starts from, as TRL's `ref_adapter_name`). Default:
+    /// `init_from` when `lora.init_from` is set, else `base`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceKind>,
+    /// DPO: compute every training pair's reference log-probabilities in one pass before the first step and keep
+    /// them (TRL's `precompute_ref_log_probs`; a resumed run computes them again), instead of a reference
+    /// forward pass per micro-batch. Default false.
+    pub precompute_reference: bool,
 }
 
 /// `train.objective`.
@@ -265,7 +274,8 @@ pub enum Objective {
     /// Supervised fine-tuning: mean token cross-entropy of the trained tokens.
     #[default]
     Sft,
-    /// Direct Preference Optimization; the reference model is the base with the adapter switched off.
+    /// Direct Preference Optimization against a reference model (`train.reference`: the base with the adapter
+    /// switched off, or the `lora.init_from` adapter frozen).
     Dpo,
     /// Odds Ratio Preference Optimization (no reference model).
     Orpo,
@@ -282,6 +292,17 @@ pub enum DpoLossType {
     Ipo,
     /// Robust DPO: `label_smoothing` is the probability that a preference label is flipped.
     Robust,
+}
+
+/// `[train] reference`: which model DPO's reference log-probabilities come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceKind {
+    /// The base model: every LoRA adapter switched off (and a fully trained router back at the base's weights).
+    Base,
+    /// The base with the `lora.init_from` adapter applied and frozen (e.g. the SFT model DPO starts from; TRL's
+    /// `ref_adapter_name`): the trained tensors' initial values are swapped in for the reference pass.
+    InitFrom,
 }
 
 impl Default for TrainSection {
@@ -308,6 +329,8 @@ impl Default for TrainSection {
             beta: 0.1,
             loss_type: DpoLossType::Sigmoid,
             label_smoothing: 0.0,
+            reference: None,
+            precompute_reference: false,
         }
     }
 }
@@ -326,6 +349,11 @@ impl TrainSection {
     /// once the model is loaded: the engine's `train::StepShape::default_budget`).
     pub fn activation_memory_bytes(&self) -> Option<u64> {
         self.activation_memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64)
+    }
+
+    /// DPO's reference model: `reference`, else `init_from` when the recipe has `lora.init_from`, else `base`.
+    pub fn reference_kind(&self, init_from: bool) -> ReferenceKind {
+        self.reference.unwrap_or(if init_from { ReferenceKind::InitFrom } else { ReferenceKind::Base })
     }
 
     /// `epochs` or `max_steps` (1 epoch when neither is set).
@@ -779,19 +807,25 @@ impl Recipe {
                 "is used by train.loss_type = \"robust\" only (TRL's sigmoid and ipo losses ignore it); set loss_type = \"robust\" or remove it",
             );
         }
-        if t.objective == Objective::Dpo {
-            if l.router == RouterMode::Full {
+        if t.objective != Objective::Dpo {
+            if t.reference.is_some() {
                 return err(
-                    "lora.router",
-                    "DPO's reference is the base model with the adapters switched off; a fully trained router (\"full\") cannot be switched off: use \"lora\" or \"frozen\"",
+                    "train.reference",
+                    "applies to train.objective = \"dpo\" only (ORPO has no reference model)",
                 );
             }
-            if l.init_from.is_some() {
+            if t.precompute_reference {
                 return err(
-                    "lora.init_from",
-                    "DPO from an existing adapter is not supported yet (its reference would have to be that adapter, not the base model); start from a fresh adapter or use train.objective = \"orpo\"",
+                    "train.precompute_reference",
+                    "applies to train.objective = \"dpo\" only (ORPO has no reference model)",
                 );
             }
+        }
+        if t.reference == Some(ReferenceKind::InitFrom) && l.init_from.is_none() {
+            return err(
+                "train.reference",
+                "\"init_from\" takes the lora.init_from adapter as the reference: set lora.init_from, or use \"base\"",
+            );
         }
         if self.eval.max_batches == Some(0) {
             return err("eval.max_batches", "must be at least 1 (or absent for the whole eval split)");
@@ -1324,5 +1358,28 @@ max_steps = 100
             .unwrap();
         let keys: Vec<&str> = r.lora.rank_pattern.keys().map(String::as_str).collect();
         assert_eq!(keys, vec!["w2", r"layers\.1\.block_sparse_moe\.experts\.0\.w2"]);
+    }
+
+    #[test]
+    fn dpo_reference_choices_and_their_checks() {
+        let dpo = ["data.format=preference", "train.objective=dpo"];
+        let r = parse(GOOD, &dpo).unwrap();
+        assert_eq!(r.train.reference_kind(r.lora.init_from.is_some()), ReferenceKind::Base);
+        // A fully trained router is no longer refused: the reference pass puts the base's router back.
+        parse(GOOD, &[dpo[0], dpo[1], "lora.router=full"]).unwrap();
+        // From an init_from adapter the reference defaults to that adapter (frozen); `base` is a choice.
+        let r = parse(GOOD, &[dpo[0], dpo[1], "lora.init_from=sft-adapter"]).unwrap();
+        assert_eq!(r.train.reference_kind(true), ReferenceKind::InitFrom);
+        let r = parse(GOOD, &[dpo[0], dpo[1], "lora.init_from=sft-adapter", "train.reference=base"]).unwrap();
+        assert_eq!(r.train.reference_kind(true), ReferenceKind::Base);
+        let e = parse(GOOD, &[dpo[0], dpo[1], "train.reference=init_from"]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("train.reference"), "{e}");
+        assert!(e.to_string().contains("set lora.init_from"), "{e}");
+        let orpo = ["data.format=preference", "train.objective=orpo"];
+        let e = parse(GOOD, &[orpo[0], orpo[1], "train.precompute_reference=true"]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("train.precompute_reference"), "{e}");
+        let e = parse(GOOD, &[orpo[0], orpo[1], "train.reference=base"]).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("train.reference"), "{e}");
+        parse(GOOD, &[dpo[0], dpo[1], "train.precompute_reference=true"]).unwrap();
     }
 }

@@ -78,6 +78,7 @@ fn collated(batch: &Golden) -> PairBatch {
         input_ids,
         completion: flags("completion_mask"),
         valid: flags("attention_mask"),
+        indices: Vec::new(),
     }
 }
 
@@ -105,7 +106,7 @@ fn check_case(case_name: &str, kind: &str) {
     let metrics = &case.json["metrics"];
     for checkpointing in [false, true] {
         let what = format!("{case_name}-{kind} (ckpt {checkpointing})");
-        let out = pair_forward_backward(&model, &params, &pb, &pref, aux_coef, 1.0, checkpointing, 0).unwrap();
+        let out = pair_forward_backward(&model, &params, &pb, &pref, None, aux_coef, 1.0, checkpointing, 0).unwrap();
         let loss = out.metrics.loss + aux_coef * out.aux.unwrap_or(0.0);
         close(loss, case.f64("loss"), &format!("{what} loss"));
         if let Some(aux) = metrics["aux_loss"].as_f64() {
@@ -205,6 +206,7 @@ fn check_trajectory(case_name: &str, kind: &str) {
             &schedule,
             &mbs,
             &pref,
+            None,
             &step_settings,
             0,
             &mut |_| {},

@@ -45,6 +45,12 @@ impl DropoutControl {
         !self.bypassed.load(Ordering::Relaxed)
     }
 
+    /// The dropout seed while training with dropout masks (`None` after [`DropoutControl::eval`]): what a pass
+    /// that must run without dropout saves before calling `eval` and restores with `train_with_seed`.
+    pub fn training_seed(&self) -> Option<u64> {
+        self.seed_if_training()
+    }
+
     fn seed_if_training(&self) -> Option<u64> {
         self.training.load(Ordering::Relaxed).then(|| self.seed.load(Ordering::Relaxed))
     }

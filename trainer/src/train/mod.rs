@@ -19,8 +19,8 @@ pub mod update;
 pub use memory::{layer_activation_bytes, StepMemory, StepShape};
 pub use optim::{AdamW, AdamWConfig};
 pub use preference::{
-    pair_forward_backward, pair_metrics, preference_step, DpoLossType, PairBatch, PairOutput, PreferenceMetrics,
-    PreferenceObjective, PreferenceSettings,
+    pair_forward_backward, pair_metrics, policy_metrics, preference_step, sequence_logps, DpoLossType, PairBatch,
+    PairOutput, PreferenceMetrics, PreferenceObjective, PreferenceSettings, Reference, ReferenceKind,
 };
 pub use report::{JsonReporter, ProgressReporter, QuietReporter, Reporter, RunSummary};
 pub use run::{run_training, RunOptions};

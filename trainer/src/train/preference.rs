@@ -6,7 +6,9 @@
 //! rejected ones (prompt + rejected). A sequence's log-probability is the sum of its completion tokens'
 //! log-probabilities (DPO); ORPO uses their mean, and adds the mean NLL of every token of the chosen rows
 //! (prompt included, as TRL's ORPO does). DPO's reference log-probabilities come from the same model with
-//! every LoRA adapter switched off (the base model: no second copy of the weights), without gradients.
+//! every LoRA adapter switched off (the base model: no second copy of the weights), or with the trained
+//! tensors' initial values swapped in (an `init_from` adapter as reference), without dropout or gradients, per
+//! micro-batch or precomputed once for every training pair ([`Reference`]).
 //!
 //! The loss is a function of a few per-sequence sums, so it and its derivative with respect to each
 //! token's NLL are computed here in f64; the backward then back-propagates `sum_j w_j * nll_j` through
@@ -33,7 +35,7 @@ pub use crate::recipe::DpoLossType;
 /// Which preference objective, with its settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PreferenceObjective {
-    /// Direct Preference Optimization against the base model (adapters off) as reference.
+    /// Direct Preference Optimization against a reference model ([`Reference`]: the base, or the `init_from` adapter).
     Dpo {
         /// The loss on the log-ratios.
         loss_type: DpoLossType,
@@ -334,19 +336,11 @@ fn chosen_nll(settings: &PreferenceSettings) -> bool {
     settings.objective == PreferenceObjective::Orpo
 }
 
-/// Per-row completion log-probabilities under the reference model: `model` with every adapter of
-/// `params` switched off, no gradients kept.
-pub fn reference_logps(model: &Model, params: &TrainableParams, pb: &PairBatch) -> Result<Vec<f64>> {
+/// Per-row completion log-probabilities (summed over each row's completion tokens) of `model` as it is,
+/// without gradients: rows `0..pairs` the chosen completions, `pairs..2 pairs` the rejected ones.
+pub fn sequence_logps(model: &Model, pb: &PairBatch) -> Result<Vec<f64>> {
     let mb = pb.micro_batch(false);
     let targets = ShiftedTargets::new(&mb.labels, mb.batch, model.config.vocab_size, None)?;
-    struct AdaptersOff<'a>(&'a TrainableParams);
-    impl Drop for AdaptersOff<'_> {
-        fn drop(&mut self) {
-            self.0.dropout.set_adapters_enabled(true);
-        }
-    }
-    params.dropout.set_adapters_enabled(false);
-    let _on_again = AdaptersOff(params);
     let ids = Tensor::from_vec(mb.input_ids.clone(), (mb.batch, mb.seq_len), &model.device)?;
     let out = model.forward(&ids, layout(&mb), None)?;
     let nll = match labelled_nll(model, &out.hidden.detach(), &targets)? {
@@ -354,6 +348,165 @@ pub fn reference_logps(model: &Model, params: &TrainableParams, pb: &PairBatch) 
         None => Vec::new(),
     };
     Ok(RowSums::new(pb, &targets, &nll).completion_logp)
+}
+
+pub use crate::recipe::ReferenceKind;
+
+/// DPO's reference model without a second copy of the base: the same model with the adapters switched off, or
+/// with the trainable tensors' initial values swapped in for the pass (a copy of the small trained tensors
+/// only), always without dropout and gradients. Optionally holds every training pair's reference
+/// log-probabilities, computed once before training ([`Reference::precompute`], TRL's
+/// `precompute_ref_log_probs`).
+#[derive(Debug, Clone)]
+pub struct Reference {
+    /// Whether the LoRA adapters apply during the reference pass.
+    adapters: bool,
+    /// Trainable tensors (index in `params.named`) and the values they take during the reference pass.
+    swap: Vec<(usize, Tensor)>,
+    /// Per training pair (by its index in the pair dataset): reference log-probabilities of chosen and rejected.
+    precomputed: Option<Vec<[f64; 2]>>,
+}
+
+/// Whether a trainable tensor is a fully trained router's weight (`lora.router = "full"`), which switching the
+/// adapters off does not undo.
+fn is_full_router(name: &str) -> bool {
+    name.ends_with(".block_sparse_moe.gate.weight")
+}
+
+impl Reference {
+    /// The base model as reference: adapters off, and a fully trained router (`lora.router = "full"`) at its
+    /// present value, which must be the base's (call before training).
+    pub fn base(params: &TrainableParams) -> Result<Reference> {
+        let swap = params
+            .named
+            .iter()
+            .enumerate()
+            .filter(|(_, (name, _))| is_full_router(name))
+            .map(|(i, (_, var))| Ok((i, var.as_tensor().copy()?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Reference { adapters: false, swap, precomputed: None })
+    }
+
+    /// The model as it is now, frozen (call before training: the `init_from` adapter on the base): a copy of
+    /// every trainable tensor is kept and swapped in for each reference pass.
+    pub fn initial(params: &TrainableParams) -> Result<Reference> {
+        let swap = params
+            .named
+            .iter()
+            .enumerate()
+            .map(|(i, (_, var))| Ok((i, var.as_tensor().copy()?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Reference { adapters: true, swap, precomputed: None })
+    }
+
+    /// Runs `f` on the reference model: the swapped tensors set to their reference values, the adapters on or
+    /// off, dropout off; everything is put back afterwards, also when `f` fails.
+    fn run<T>(&self, params: &TrainableParams, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut saved: Vec<(usize, Tensor)> = Vec::with_capacity(self.swap.len());
+        let seed = params.dropout.training_seed();
+        let swapped = (|| {
+            for (i, value) in &self.swap {
+                let var = &params.named[*i].1;
+                saved.push((*i, var.as_tensor().copy()?));
+                var.set(value)?;
+            }
+            Ok(())
+        })();
+        params.dropout.eval();
+        params.dropout.set_adapters_enabled(self.adapters);
+        let out = swapped.and_then(|()| f());
+        params.dropout.set_adapters_enabled(true);
+        if let Some(seed) = seed {
+            params.dropout.train_with_seed(seed);
+        }
+        let mut restored = Ok(());
+        for (i, value) in &saved {
+            if let Err(e) = params.named[*i].1.set(value) {
+                restored = Err(e);
+            }
+        }
+        let out = out?;
+        restored?;
+        Ok(out)
+    }
+
+    /// The reference model's per-row completion log-probabilities of `pb`, computed now.
+    pub fn compute(&self, model: &Model, params: &TrainableParams, pb: &PairBatch) -> Result<Vec<f64>> {
+        self.run(params, || sequence_logps(model, pb))
+    }
+
+    /// The reference log-probabilities of a training micro-batch: the precomputed ones when there are (looked up
+    /// by the batch's pair indices), else [`Reference::compute`].
+    pub fn logps(&self, model: &Model, params: &TrainableParams, pb: &PairBatch) -> Result<Vec<f64>> {
+        let Some(pre) = self.precomputed.as_ref().filter(|_| !pb.indices.is_empty()) else {
+            return self.compute(model, params, pb);
+        };
+        if pb.indices.len() != pb.pairs {
+            candle_core::bail!("pair batch: {} pair indices for {} pairs", pb.indices.len(), pb.pairs);
+        }
+        let mut out = vec![0.0; pb.rows()];
+        for (k, &i) in pb.indices.iter().enumerate() {
+            let [chosen, rejected] = *pre.get(i as usize).ok_or_else(|| {
+                candle_core::Error::Msg(format!("pair {i} has no precomputed reference log-probabilities"))
+            })?;
+            out[k] = chosen;
+            out[pb.pairs + k] = rejected;
+        }
+        Ok(out)
+    }
+
+    /// Computes every pair's reference log-probabilities in one pass over `data` (in file order, `micro_batch_size`
+    /// pairs at a time, padded as training pads), kept for [`Reference::logps`]. Returns the pairs computed.
+    pub fn precompute(
+        &mut self,
+        model: &Model,
+        params: &TrainableParams,
+        data: &std::sync::Arc<datasets::PairDataset>,
+        micro_batch_size: usize,
+        pad_id: u32,
+        multiple: usize,
+    ) -> Result<usize> {
+        let mut batches = datasets::PairBatches::new(data.clone(), micro_batch_size, false, 0, pad_id, multiple)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut pre = vec![[f64::NAN; 2]; data.len()];
+        for _ in 0..batches.batches_per_epoch() {
+            let pb = batches.next_batch();
+            let logps = self.compute(model, params, &pb)?;
+            for (k, &i) in pb.indices.iter().enumerate() {
+                pre[i as usize] = [logps[k], logps[pb.pairs + k]];
+            }
+        }
+        self.precomputed = Some(pre);
+        Ok(data.len())
+    }
+
+    /// Whether every training pair's reference log-probabilities are precomputed.
+    pub fn is_precomputed(&self) -> bool {
+        self.precomputed.is_some()
+    }
+}
+
+/// DPO's reference log-probabilities for `pb`: from `reference`, or without one from the base (adapters off),
+/// which a fully trained router would not be.
+fn reference_for(
+    model: &Model,
+    params: &TrainableParams,
+    pb: &PairBatch,
+    reference: Option<&Reference>,
+    precomputed: bool,
+) -> Result<Vec<f64>> {
+    match reference {
+        Some(r) if precomputed => r.logps(model, params, pb),
+        Some(r) => r.compute(model, params, pb),
+        None => {
+            if params.named.iter().any(|(n, _)| is_full_router(n)) {
+                candle_core::bail!(
+                    "DPO with a fully trained router needs a Reference (Reference::base taken before training)"
+                );
+            }
+            Reference { adapters: false, swap: Vec::new(), precomputed: None }.compute(model, params, pb)
+        }
+    }
 }
 
 /// What one pair micro-batch's forward/backward produced.
@@ -369,14 +522,16 @@ pub struct PairOutput {
     pub grads: Vec<Option<Tensor>>,
 }
 
-/// Forward and backward of one pair micro-batch: the reference pass (DPO), then the policy pass through
-/// the shared checkpointed step, back-propagating `weight * (preference loss + aux_coef * aux)`.
+/// Forward and backward of one pair micro-batch: the reference pass (DPO: `reference`'s log-probabilities,
+/// precomputed ones included; `None`: the base with the adapters off), then the policy pass through the shared
+/// checkpointed step, back-propagating `weight * (preference loss + aux_coef * aux)`.
 #[allow(clippy::too_many_arguments)]
 pub fn pair_forward_backward(
     model: &Model,
     params: &TrainableParams,
     pb: &PairBatch,
     settings: &PreferenceSettings,
+    reference: Option<&Reference>,
     aux_coef: f64,
     weight: f64,
     checkpointing: bool,
@@ -389,7 +544,7 @@ pub fn pair_forward_backward(
         candle_core::bail!("pair batch: {} ids for {} rows x {}", pb.input_ids.len(), pb.rows(), pb.seq_len);
     }
     let reference = match settings.objective {
-        PreferenceObjective::Dpo { .. } => Some(reference_logps(model, params, pb)?),
+        PreferenceObjective::Dpo { .. } => Some(reference_for(model, params, pb, reference, true)?),
         PreferenceObjective::Orpo => None,
     };
     let mb = pb.micro_batch(chosen_nll(settings));
@@ -412,17 +567,36 @@ pub fn pair_forward_backward(
     Ok(PairOutput { metrics, aux: pass.aux, expert_load: pass.expert_load, grads: pass.grads })
 }
 
-/// The preference metrics of `pb` without gradients (evaluation).
+/// The preference metrics of `pb` without gradients (evaluation): DPO's reference log-probabilities are
+/// computed now from `reference` (never precomputed ones: `pb` is not from the training pairs; `None`: the base
+/// with the adapters off).
 pub fn pair_metrics(
     model: &Model,
     params: &TrainableParams,
     pb: &PairBatch,
     settings: &PreferenceSettings,
+    reference: Option<&Reference>,
 ) -> Result<PreferenceMetrics> {
     let reference = match settings.objective {
-        PreferenceObjective::Dpo { .. } => Some(reference_logps(model, params, pb)?),
+        PreferenceObjective::Dpo { .. } => Some(reference_for(model, params, pb, reference, false)?),
         PreferenceObjective::Orpo => None,
     };
+    policy_metrics(model, pb, settings, reference.as_deref())
+}
+
+/// The preference metrics of `pb` under `model` as it is (the policy), without gradients, given DPO's
+/// per-row reference log-probabilities (`None` for ORPO; for DPO, `None` means a reference equal to zero).
+/// Evaluation of adapters applied for inference (`tramontane eval`) uses it with the reference model's
+/// [`sequence_logps`].
+pub fn policy_metrics(
+    model: &Model,
+    pb: &PairBatch,
+    settings: &PreferenceSettings,
+    reference: Option<&[f64]>,
+) -> Result<PreferenceMetrics> {
+    if reference.is_some_and(|r| r.len() != pb.rows()) {
+        candle_core::bail!("{} reference log-probabilities for {} rows", reference.map_or(0, <[f64]>::len), pb.rows());
+    }
     let mb = pb.micro_batch(chosen_nll(settings));
     let targets = ShiftedTargets::new(&mb.labels, mb.batch, model.config.vocab_size, None)?;
     let ids = Tensor::from_vec(mb.input_ids.clone(), (mb.batch, mb.seq_len), &model.device)?;
@@ -432,10 +606,10 @@ pub fn pair_metrics(
         None => candle_core::bail!("pair batch without completion tokens"),
     };
     let sums = RowSums::new(pb, &targets, &nll);
-    Ok(loss_and_weights(settings, pb.pairs, &sums, reference.as_deref()).0)
+    Ok(loss_and_weights(settings, pb.pairs, &sums, reference).0)
 }
 
-/// One optimizer step over pair micro-batches: each contributes `1 / micro_batches.len()` of its mean
+/// One optimizer step over pair micro-batches (DPO's reference: see [`pair_forward_backward`]): each contributes `1 / micro_batches.len()` of its mean
 /// loss over pairs (and of its aux loss), gradients are accumulated, clipped and applied as for SFT
 /// ([`apply_update`]). The report's `loss` is the mean preference loss plus `aux_coef` times the mean
 /// aux loss; `ce` is ORPO's NLL term (0 for DPO); `preference` holds the mean metrics.
@@ -448,6 +622,7 @@ pub fn preference_step(
     schedule: &Schedule,
     micro_batches: &[PairBatch],
     preference: &PreferenceSettings,
+    reference: Option<&Reference>,
     settings: &StepSettings,
     dropout_seed: u64,
     progress: &mut dyn FnMut(StepProgress),
@@ -462,7 +637,17 @@ pub fn preference_step(
     for (i, pb) in micro_batches.iter().enumerate() {
         params.dropout.train_with_seed(dropout_seed.wrapping_add(i as u64));
         let keep = kept_layers(model, pb.input_ids.len(), settings);
-        let out = pair_forward_backward(model, params, pb, preference, aux_coef, weight, settings.checkpointing, keep);
+        let out = pair_forward_backward(
+            model,
+            params,
+            pb,
+            preference,
+            reference,
+            aux_coef,
+            weight,
+            settings.checkpointing,
+            keep,
+        );
         let out = match out {
             Ok(out) => out,
             Err(e) => {

@@ -12,7 +12,9 @@ use super::evaluate::{eval_loss, micro_batch, sample_completions};
 use super::memory::StepShape;
 use super::metrics::{rewind_jsonl, JsonlSink, MetricRecord, MetricsSink, TensorBoardSink};
 use super::optim::{AdamW, AdamWConfig};
-use super::preference::{pair_metrics, preference_step, PairBatch, PreferenceMetrics};
+use super::preference::{
+    pair_metrics, preference_step, PairBatch, PreferenceMetrics, PreferenceObjective, Reference, ReferenceKind,
+};
 use super::report::{EvalReport, Reporter, RunHeader, RunSummary};
 use super::run_checkpoint::{latest_checkpoint, recover_dir, replace_dir, save_checkpoint, sibling, RunCheckpoint};
 use super::schedule::Schedule;
@@ -148,6 +150,8 @@ struct Session {
     eval_batches: Vec<MicroBatch>,
     /// Preference tuning: the held-out pair batches.
     eval_pairs: Vec<PairBatch>,
+    /// DPO's reference model (taken before any training or restored checkpoint changes the trained tensors).
+    reference: Option<Reference>,
     header: RunHeader,
     /// With checkpointing, the activation bytes a micro-batch may keep (see [`memory_plan`]).
     activation_budget: Option<u64>,
@@ -182,6 +186,15 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
         None => LoraInit::Seed(recipe.train.seed),
     };
     let params = attach_lora(&mut model, &plan, &init)?;
+    let reference = match preference_settings(&recipe.train).map(|p| p.objective) {
+        Some(PreferenceObjective::Dpo { .. }) => {
+            Some(match recipe.train.reference_kind(recipe.lora.init_from.is_some()) {
+                ReferenceKind::Base => Reference::base(&params)?,
+                ReferenceKind::InitFrom => Reference::initial(&params)?,
+            })
+        }
+        _ => None,
+    };
     let counts = ParameterCounts::from_config(&config);
     let model_bytes = model_memory_bytes(&model);
     let (activation_budget, memory_plan) = memory_plan(recipe, &model, params.count());
@@ -216,6 +229,7 @@ fn open_session(recipe: &Recipe, run_dir: &RunDir) -> Result<Session> {
         stream: data.stream,
         eval_batches: data.eval_batches,
         eval_pairs: data.eval_pairs,
+        reference,
         header,
         activation_budget,
     })
@@ -468,6 +482,24 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
         reporter
             .warn(&format!("--resume: no checkpoint in {}, starting from scratch", run_dir.checkpoints().display()));
     }
+    if t.precompute_reference {
+        if let (Some(reference), Stream::Pairs(pairs)) = (&mut s.reference, &s.stream) {
+            let started = Instant::now();
+            let pad = s.encoder.eos_id();
+            let n = reference.precompute(
+                &s.model,
+                &s.params,
+                pairs.data(),
+                t.micro_batch_size,
+                pad,
+                recipe.data.pad_to_multiple_of,
+            )?;
+            s.header.data_summary.push_str(&format!(
+                "; reference log-probs of {n} pairs precomputed in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+    }
     let resume_step = resumed.as_ref().map(|c| c.step);
     // An adapter a crash left moved aside (as `<dir>.tramontane-replaced`, a name only
     // `replace_dir` writes; a user's `adapter.old` is left alone) is put back; samples.jsonl is cut
@@ -532,6 +564,7 @@ pub fn run_training(recipe: &Recipe, opts: &RunOptions, reporter: &mut dyn Repor
                     &schedule,
                     &mbs,
                     pref,
+                    s.reference.as_ref(),
                     &step_settings,
                     dropout_seed,
                     &mut progress,
@@ -676,7 +709,7 @@ fn evaluate(
         let all = s
             .eval_pairs
             .iter()
-            .map(|pb| pair_metrics(&s.model, &s.params, pb, &pref))
+            .map(|pb| pair_metrics(&s.model, &s.params, pb, &pref, s.reference.as_ref()))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let m = PreferenceMetrics::mean(&all);
         loss = Some(m.loss);
